@@ -1,0 +1,66 @@
+#!/bin/bash
+# Provision a fresh Debian 12 CI machine (run as root, CI=true) for mirrorfs tests.
+# Rust and cargo-nextest are assumed preinstalled.  Idempotent.
+set -euo pipefail
+
+export DEBIAN_FRONTEND=noninteractive
+export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:/usr/local/sbin:/usr/sbin:/sbin:$PATH"
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "install.sh: must run as root" >&2
+    exit 1
+fi
+
+# Do not let postgresql-15 create and start a default cluster on :5432;
+# tests run their own initdb from /usr/lib/postgresql/15/bin.
+mkdir -p /etc/postgresql-common/createcluster.d
+echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.d/50-mirrorfs-ci.conf
+
+apt-get update
+apt-get install -y --no-install-recommends \
+    ca-certificates \
+    build-essential pkg-config \
+    fuse3 \
+    sqlite3 \
+    postgresql-15 postgresql-client-15 \
+    xfsprogs e2fsprogs btrfs-progs \
+    attr acl libacl1-dev \
+    util-linux mount kmod procps \
+    sshfs openssh-server openssh-client \
+    fio mergerfs hyperfine
+# libacl1-dev: needed to build pjdfstest (exacl links -lacl).
+# util-linux provides zramctl, losetup, mountpoint, setpriv; kmod provides modprobe (zram).
+
+# Let non-root FUSE mounts use -o allow_other (root mounts don't need this).
+if [ -f /etc/fuse.conf ] && ! grep -qE '^[[:space:]]*user_allow_other' /etc/fuse.conf; then
+    echo "user_allow_other" >> /etc/fuse.conf
+fi
+
+# pjdfstest / fsx (Rust, crates.io) only if missing.
+missing=()
+command -v pjdfstest >/dev/null 2>&1 || missing+=(pjdfstest)
+command -v fsx >/dev/null 2>&1 || missing+=(fsx)
+if [ ${#missing[@]} -gt 0 ]; then
+    cargo install --locked "${missing[@]}"
+fi
+
+# Dummy user/group for pjdfstest (nobody:nogroup exists on Debian already).
+getent group tests >/dev/null || groupadd --system tests
+id -u tests >/dev/null 2>&1 || useradd --system --gid tests --no-create-home \
+    --home-dir / --shell /usr/sbin/nologin --comment "Dummy user for pjdfstest" tests
+
+# Sanity checks.
+for b in pjdfstest fsx fusermount3 sqlite3 mkfs.xfs mkfs.ext4 mkfs.btrfs getfattr setfattr \
+         zramctl sshfs sshd fio mergerfs hyperfine; do
+    command -v "$b" >/dev/null 2>&1 || { echo "install.sh: $b missing" >&2; exit 1; }
+done
+for b in initdb pg_ctl postgres; do
+    [ -x "/usr/lib/postgresql/15/bin/$b" ] || { echo "install.sh: postgres $b missing" >&2; exit 1; }
+done
+id nobody >/dev/null && getent group nogroup >/dev/null && id tests >/dev/null
+
+# Persist ~/.cargo/bin on PATH for later CI steps (GitHub Actions style), if available.
+if [ -n "${GITHUB_PATH:-}" ]; then
+    echo "${CARGO_HOME:-$HOME/.cargo}/bin" >> "$GITHUB_PATH"
+fi
+echo "install.sh: done"

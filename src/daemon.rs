@@ -1,0 +1,329 @@
+//! Mounting and unmounting: validation, the fork into the background, signal
+//! handling, and the runtime files under `/run/mirrorfs`.
+//!
+//! Owns: the daemon's life. `mount` returns only once the kernel has
+//! answered the FUSE handshake, so the mount is live when the command exits.
+//! Signals are blocked before any thread starts, and one thread waits for
+//! SIGTERM/SIGINT/SIGHUP and unmounts.
+
+use std::ffi::CString;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{SigSet, Signal};
+
+use crate::fs::{FsConfig, MirrorFs};
+use crate::meta;
+use crate::mirror::Engine;
+use crate::spec::{MountSpec, Options, Side};
+use crate::volume::Volume;
+
+/// FUSE threads serving requests; each has its own /dev/fuse fd.
+pub const FUSE_THREADS: usize = 8;
+/// Threads carrying the mirror's half of each change.
+pub const MIRROR_THREADS: usize = 8;
+
+pub const RUN_DIR: &str = "/run/mirrorfs";
+
+/// Why a command failed, with the exit code it maps to.
+#[derive(Debug)]
+pub enum Failure {
+    /// The command line is wrong: exit 2.
+    Usage(String),
+    /// The command could not be carried out: exit 1.
+    Runtime(String),
+}
+
+impl Failure {
+    pub fn message(&self) -> &str {
+        match self {
+            Failure::Usage(m) | Failure::Runtime(m) => m,
+        }
+    }
+}
+
+/// A runtime file for the mount at `mountpoint` (pid file, log).
+pub fn runtime_file(mountpoint: &Path, ext: &str) -> PathBuf {
+    let h = xxhash_rust::xxh3::xxh3_64(mountpoint.as_os_str().as_bytes());
+    Path::new(RUN_DIR).join(format!("{h:016x}.{ext}"))
+}
+
+/// One line of /proc/self/mountinfo that is a mirrorfs mount.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MountEntry {
+    pub mountpoint: PathBuf,
+    pub source: String,
+}
+
+fn unescape_mountinfo(s: &str) -> String {
+    // mountinfo escapes space, tab, newline and backslash as \ooo.
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Every mirrorfs mount on the machine.
+pub fn mirrorfs_mounts() -> Vec<MountEntry> {
+    let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    parse_mountinfo(&text)
+}
+
+pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
+    text.lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let mountpoint = left.split(' ').nth(4)?;
+            let mut r = right.split(' ');
+            let fstype = r.next()?;
+            let source = r.next()?;
+            (fstype == "fuse.mirrorfs").then(|| MountEntry {
+                mountpoint: PathBuf::from(unescape_mountinfo(mountpoint)),
+                source: unescape_mountinfo(source),
+            })
+        })
+        .collect()
+}
+
+/// Everything checked and opened before the daemon starts serving.
+struct Prepared {
+    spec: MountSpec,
+    opts: Options,
+    vols: [Option<Volume>; 2],
+    _locks: Vec<meta::SideLock>,
+}
+
+fn prepare(spec: &str, mountpoint: &Path, opts: Options) -> Result<Prepared, Failure> {
+    opts.check_served().map_err(Failure::Usage)?;
+    let cwd = std::env::current_dir().map_err(|e| Failure::Runtime(format!("cannot read the current directory: {e}")))?;
+    let spec = crate::spec::validate(spec, mountpoint, &opts, &cwd).map_err(Failure::Usage)?;
+    if mirrorfs_mounts().iter().any(|m| m.mountpoint == spec.mountpoint) {
+        return Err(Failure::Runtime(format!("{} is already a mirrorfs mount", spec.mountpoint.display())));
+    }
+    let mut vols = [None, None];
+    for side in Side::BOTH {
+        let path = spec.side(side);
+        match Volume::open(side, path) {
+            Ok(v) => vols[side.index()] = Some(v),
+            Err(e) if opts.read_only => log::warn!("side={side} path={} unusable, read-only mount goes on without it: {e}", path.display()),
+            Err(e) => return Err(Failure::Runtime(format!("{side} {}: {e}", path.display()))),
+        }
+    }
+    let roots = [0, 1].map(|i| vols[i].as_ref().map(|v: &Volume| v.path.as_path()));
+    let mut locks = Vec::new();
+    if opts.read_only {
+        for side in Side::BOTH {
+            if let Some(root) = roots[side.index()] {
+                meta::read_identity(root).map_err(|e| Failure::Runtime(format!("{side} {}: {e}", root.display())))?;
+            }
+        }
+    } else {
+        meta::ensure_identities(roots).map_err(Failure::Runtime)?;
+        for side in Side::BOTH {
+            if let Some(root) = roots[side.index()] {
+                locks.push(meta::lock_side(side, root).map_err(Failure::Runtime)?);
+            }
+        }
+    }
+    Ok(Prepared { spec, opts, vols, _locks: locks })
+}
+
+/// `mirrorfs mount`. Without `foreground`, returns in the parent once the
+/// mount is live, while a child serves it.
+pub fn mount(spec: &str, mountpoint: &Path, opts: Options, foreground: bool) -> Result<(), Failure> {
+    let prepared = prepare(spec, mountpoint, opts)?;
+    if foreground {
+        return serve(prepared, None);
+    }
+    let (rd, wr) = nix::unistd::pipe().map_err(|e| Failure::Runtime(format!("pipe: {e}")))?;
+    // SAFETY: no thread has been started yet, so the child is a plain copy.
+    match unsafe { nix::unistd::fork() }.map_err(|e| Failure::Runtime(format!("fork: {e}")))? {
+        nix::unistd::ForkResult::Parent { .. } => {
+            drop(wr);
+            let mut msg = String::new();
+            let _ = File::from(rd).read_to_string(&mut msg);
+            match msg.strip_prefix("ok") {
+                Some(_) => Ok(()),
+                None if msg.is_empty() => Err(Failure::Runtime("the daemon exited before the mount was live".into())),
+                None => Err(Failure::Runtime(msg.trim().to_string())),
+            }
+        }
+        nix::unistd::ForkResult::Child => {
+            drop(rd);
+            let mut pipe = File::from(wr);
+            let r = detach(&prepared.spec.mountpoint).and_then(|_| serve(prepared, Some(&mut pipe)));
+            if let Err(e) = &r {
+                let _ = pipe.write_all(e.message().as_bytes());
+            }
+            std::process::exit(if r.is_ok() { 0 } else { 1 });
+        }
+    }
+}
+
+/// Leaves the terminal: new session, stdin from /dev/null, output to the
+/// mount's log file.
+fn detach(mountpoint: &Path) -> Result<(), Failure> {
+    nix::unistd::setsid().map_err(|e| Failure::Runtime(format!("setsid: {e}")))?;
+    let _ = fs::create_dir_all(RUN_DIR);
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(runtime_file(mountpoint, "log"))
+        .or_else(|_| OpenOptions::new().write(true).open("/dev/null"))
+        .map_err(|e| Failure::Runtime(format!("log file: {e}")))?;
+    let null = File::open("/dev/null").map_err(|e| Failure::Runtime(format!("/dev/null: {e}")))?;
+    // SAFETY: dup2 onto the standard fds, which we own.
+    unsafe {
+        libc::dup2(null.as_raw_fd(), 0);
+        libc::dup2(log.as_raw_fd(), 1);
+        libc::dup2(log.as_raw_fd(), 2);
+    }
+    let _ = std::env::set_current_dir("/");
+    Ok(())
+}
+
+fn fuser_config(spec: &MountSpec, opts: &Options) -> fuser::Config {
+    use fuser::MountOption as M;
+    let mut cfg = fuser::Config::default();
+    cfg.mount_options = vec![
+        M::FSName(opts.fsname.clone().unwrap_or_else(|| spec.spec_string())),
+        M::Subtype("mirrorfs".into()),
+        M::DefaultPermissions,
+    ];
+    if opts.read_only {
+        cfg.mount_options.push(M::RO);
+    }
+    cfg.acl = if opts.allow_other { fuser::SessionACL::All } else { fuser::SessionACL::Owner };
+    cfg.n_threads = Some(FUSE_THREADS);
+    cfg.clone_fd = true;
+    cfg
+}
+
+fn serve(p: Prepared, ready: Option<&mut File>) -> Result<(), Failure> {
+    let Prepared { spec, opts, vols, _locks } = p;
+    let rt = |what: &str, e: &dyn std::fmt::Display| Failure::Runtime(format!("{what}: {e}"));
+    // Blocked here, before any thread exists, so every thread inherits the
+    // mask and only the signal thread's sigwait receives them.
+    let mut signals = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        signals.add(s);
+    }
+    signals.thread_block().map_err(|e| rt("blocking signals", &e))?;
+    // SAFETY: umask has no failure mode. Modes come from the caller's request.
+    unsafe { libc::umask(0) };
+
+    let [pv, mv] = vols;
+    let engine = Arc::new(Engine::new(pv, mv, opts.side_timeout, MIRROR_THREADS).map_err(|e| rt("starting workers", &e))?);
+    let fs = MirrorFs::new(engine.clone(), FsConfig { read_only: opts.read_only, threads: FUSE_THREADS })
+        .map_err(|e| rt("reading the root", &e))?;
+    let session = fuser::Session::new(fs, &spec.mountpoint, &fuser_config(&spec, &opts))
+        .map_err(|e| rt(&format!("mounting {}", spec.mountpoint.display()), &e))?;
+
+    let _ = fs::create_dir_all(RUN_DIR);
+    let pid_file = runtime_file(&spec.mountpoint, "pid");
+    let _ = fs::write(&pid_file, format!("{}\n", std::process::id()));
+    log::info!("mounted mountpoint={} primary={} mirror={}", spec.mountpoint.display(), spec.primary.display(), spec.mirror.display());
+    if let Some(pipe) = ready {
+        let _ = pipe.write_all(b"ok");
+    }
+
+    let mnt = spec.mountpoint.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            loop {
+                match signals.wait() {
+                    Ok(sig) => {
+                        log::info!("signal={sig:?} unmounting mountpoint={}", mnt.display());
+                        if let Err(e) = unmount_now(&mnt) {
+                            log::warn!("unmount of {} failed: {e}", mnt.display());
+                        }
+                    }
+                    Err(e) => {
+                        log::warn!("sigwait failed: {e}");
+                        return;
+                    }
+                }
+            }
+        })
+        .map_err(|e| rt("signal thread", &e))?;
+
+    let r = session.run();
+    let _ = fs::remove_file(&pid_file);
+    log::info!("unmounted mountpoint={} divergences={}", spec.mountpoint.display(), engine.divergences());
+    r.map_err(|e| rt("serving", &e))
+}
+
+/// Unmounts; a busy mount is detached so it ends when its last user leaves.
+fn unmount_now(mnt: &Path) -> io::Result<()> {
+    let c = CString::new(mnt.as_os_str().as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: valid C string.
+    if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() != Some(libc::EBUSY) {
+        return Err(e);
+    }
+    // SAFETY: valid C string.
+    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+/// `mirrorfs unmount`: unmounts and waits for the daemon to finish.
+pub fn unmount(mountpoint: &Path) -> Result<(), Failure> {
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+    let mnt = crate::spec::absolutize(mountpoint, &cwd);
+    let mnt = fs::canonicalize(&mnt).unwrap_or(mnt);
+    if !mirrorfs_mounts().iter().any(|m| m.mountpoint == mnt) {
+        return Err(Failure::Usage(format!("{} is not a mirrorfs mount", mnt.display())));
+    }
+    let pid: Option<i32> = fs::read_to_string(runtime_file(&mnt, "pid")).ok().and_then(|s| s.trim().parse().ok());
+    let c = CString::new(mnt.as_os_str().as_bytes()).map_err(|_| Failure::Usage("bad path".into()))?;
+    // SAFETY: valid C string.
+    if unsafe { libc::umount2(c.as_ptr(), 0) } != 0 {
+        let e = io::Error::last_os_error();
+        return Err(Failure::Runtime(format!("cannot unmount {}: {e}", mnt.display())));
+    }
+    if let Some(pid) = pid {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        // SAFETY: signal 0 only checks that the process exists.
+        while unsafe { libc::kill(pid, 0) } == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_mirrorfs_mounts_in_mountinfo() {
+        let text = "36 35 98:0 / /mnt/a\\040b rw,relatime shared:1 - fuse.mirrorfs /p|/m rw,user_id=0\n\
+                    37 35 98:0 / /other rw - ext4 /dev/sda1 rw\n";
+        let m = parse_mountinfo(text);
+        assert_eq!(m, vec![MountEntry { mountpoint: PathBuf::from("/mnt/a b"), source: "/p|/m".into() }]);
+    }
+
+    #[test]
+    fn runtime_files_differ_per_mountpoint() {
+        assert_ne!(runtime_file(Path::new("/a"), "pid"), runtime_file(Path::new("/b"), "pid"));
+        assert!(runtime_file(Path::new("/a"), "pid").starts_with(RUN_DIR));
+    }
+}

@@ -1,0 +1,842 @@
+//! `impl fuser::Filesystem` for mirrorfs.
+//!
+//! Owns: the translation between FUSE requests and the engine. Each trait
+//! method is a thin shell that calls a `do_<op>` returning `io::Result` and
+//! replies exactly once; this is the only code that touches `Errno` or
+//! `Reply*`. Which side answers and what a side failure does are the
+//! engine's business (`mirror::resolve`).
+
+use std::cell::RefCell;
+use std::ffi::OsStr;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    AccessFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+
+use crate::bufpool::PooledBuf;
+use crate::mirror::Engine;
+use crate::nodes::{Handles, Key, Nodes, OpenDir, OpenFile, ROOT};
+use crate::spec::Side;
+use crate::volume::{self, META_DIR, Owner, SetTime, Stat, Volume};
+
+/// How long the kernel may cache entries and attributes. mirrorfs is the
+/// only writer of its backing trees, so a short cache is safe.
+const TTL: Duration = Duration::from_secs(1);
+
+/// The largest write the kernel sends in one request.
+pub const MAX_WRITE: u32 = 1 << 20;
+
+thread_local! {
+    /// Per-thread read buffer, reused by every read this thread serves.
+    static READ_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+fn errno(e: &io::Error) -> Errno {
+    Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))
+}
+
+fn err(code: i32) -> io::Error {
+    io::Error::from_raw_os_error(code)
+}
+
+fn kind(mode: u32) -> FileType {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => FileType::Directory,
+        libc::S_IFLNK => FileType::Symlink,
+        libc::S_IFIFO => FileType::NamedPipe,
+        libc::S_IFSOCK => FileType::Socket,
+        libc::S_IFCHR => FileType::CharDevice,
+        libc::S_IFBLK => FileType::BlockDevice,
+        _ => FileType::RegularFile,
+    }
+}
+
+fn dtype_kind(dtype: u8) -> FileType {
+    match dtype {
+        libc::DT_DIR => FileType::Directory,
+        libc::DT_LNK => FileType::Symlink,
+        libc::DT_FIFO => FileType::NamedPipe,
+        libc::DT_SOCK => FileType::Socket,
+        libc::DT_CHR => FileType::CharDevice,
+        libc::DT_BLK => FileType::BlockDevice,
+        _ => FileType::RegularFile,
+    }
+}
+
+fn time(secs: i64, nsecs: i64) -> SystemTime {
+    if secs >= 0 {
+        UNIX_EPOCH + Duration::new(secs as u64, nsecs as u32)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs()) + Duration::from_nanos(nsecs as u64)
+    }
+}
+
+fn attr(ino: u64, st: &Stat) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(ino),
+        size: st.st_size as u64,
+        blocks: st.st_blocks as u64,
+        atime: time(st.st_atime, st.st_atime_nsec),
+        mtime: time(st.st_mtime, st.st_mtime_nsec),
+        ctime: time(st.st_ctime, st.st_ctime_nsec),
+        crtime: UNIX_EPOCH,
+        kind: kind(st.st_mode),
+        perm: (st.st_mode & 0o7777) as u16,
+        nlink: st.st_nlink as u32,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        rdev: st.st_rdev as u32,
+        blksize: st.st_blksize as u32,
+        flags: 0,
+    }
+}
+
+fn set_time(t: Option<TimeOrNow>, now: SystemTime) -> SetTime {
+    let t = match t {
+        None => return SetTime::Omit,
+        Some(TimeOrNow::Now) => now,
+        Some(TimeOrNow::SpecificTime(t)) => t,
+    };
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => SetTime::At { secs: d.as_secs() as i64, nanos: d.subsec_nanos() as i64 },
+        Err(e) => {
+            let d = e.duration();
+            let mut secs = -(d.as_secs() as i64);
+            let mut nanos = -(d.subsec_nanos() as i64);
+            if nanos < 0 {
+                secs -= 1;
+                nanos += 1_000_000_000;
+            }
+            SetTime::At { secs, nanos }
+        }
+    }
+}
+
+/// Flags for opening the backing files. O_APPEND is dropped because the
+/// kernel sends each write with its offset, and both sides must write at the
+/// same one; O_DIRECT is dropped because the page cache sits above us;
+/// write-only becomes read-write so the kernel can read pages it caches.
+fn backing_flags(flags: i32) -> i32 {
+    let acc = match flags & libc::O_ACCMODE {
+        libc::O_RDONLY => libc::O_RDONLY,
+        _ => libc::O_RDWR,
+    };
+    acc | (flags & (libc::O_SYNC | libc::O_DSYNC)) | libc::O_NOFOLLOW
+}
+
+fn key(side: Side, st: &Stat) -> Key {
+    Key { side, dev: st.st_dev, ino: st.st_ino }
+}
+
+/// What a setattr or xattr call acts on: an open file, or a path.
+enum Target {
+    File(Arc<OpenFile>),
+    Path(PathBuf),
+}
+
+/// Mount-time settings the filesystem needs.
+#[derive(Clone, Copy, Debug)]
+pub struct FsConfig {
+    pub read_only: bool,
+    pub threads: usize,
+}
+
+pub struct MirrorFs {
+    engine: Arc<Engine>,
+    nodes: Nodes,
+    files: Handles<OpenFile>,
+    dirs: Handles<OpenDir>,
+    config: FsConfig,
+}
+
+impl MirrorFs {
+    pub fn new(engine: Arc<Engine>, config: FsConfig) -> io::Result<MirrorFs> {
+        let side = engine.reader();
+        let st = engine.volume(side)?.lstat(Path::new(""))?;
+        Ok(MirrorFs { nodes: Nodes::new(key(side, &st)), engine, files: Handles::default(), dirs: Handles::default(), config })
+    }
+
+    fn hidden(parent: u64, name: &OsStr) -> bool {
+        parent == ROOT && name.as_bytes() == META_DIR.as_bytes()
+    }
+
+    fn writable(&self) -> io::Result<()> {
+        if self.config.read_only { Err(err(libc::EROFS)) } else { Ok(()) }
+    }
+
+    /// The path of a new entry `name` under `parent`; the metadata directory
+    /// cannot be created, replaced or removed through the mount.
+    fn new_path(&self, parent: u64, name: &OsStr) -> io::Result<PathBuf> {
+        self.writable()?;
+        if Self::hidden(parent, name) {
+            return Err(err(libc::EPERM));
+        }
+        self.nodes.child_path(parent, name)
+    }
+
+    fn existing_path(&self, parent: u64, name: &OsStr) -> io::Result<PathBuf> {
+        if Self::hidden(parent, name) {
+            return Err(err(libc::ENOENT));
+        }
+        self.nodes.child_path(parent, name)
+    }
+
+    /// Registers the entry a create-like call made and answers with it.
+    fn entry(&self, parent: u64, name: &OsStr, side: Side, st: &Stat) -> FileAttr {
+        let ino = self.nodes.remember(parent, name, key(side, st));
+        attr(ino, st)
+    }
+
+    fn target(&self, ino: u64, fh: Option<FileHandle>) -> io::Result<Target> {
+        if let Some(f) = fh.and_then(|fh| self.files.get(fh.0).ok()) {
+            return Ok(Target::File(f));
+        }
+        match self.nodes.path(ino) {
+            Ok(p) => Ok(Target::Path(p)),
+            // An unlinked file that is still open keeps working through its handle.
+            Err(e) => self.files.find(|f| f.ino == ino).map(Target::File).ok_or(e),
+        }
+    }
+
+    fn do_lookup(&self, parent: u64, name: &OsStr) -> io::Result<FileAttr> {
+        let path = self.existing_path(parent, name)?;
+        let (side, st) = self.engine.read("lookup", &path, |side, v| v.lstat(&path).map(|st| (side, st)))?;
+        Ok(self.entry(parent, name, side, &st))
+    }
+
+    fn do_getattr(&self, ino: u64, fh: Option<FileHandle>) -> io::Result<FileAttr> {
+        let st = match self.target(ino, fh)? {
+            Target::File(f) => self.engine.read("getattr", Path::new(""), |side, _| volume::fstat(f.fd(side)?))?,
+            Target::Path(p) => self.engine.read("getattr", &p, |_, v| v.lstat(&p))?,
+        };
+        Ok(attr(ino, &st))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn do_setattr(
+        &self,
+        ino: u64,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        fh: Option<FileHandle>,
+    ) -> io::Result<FileAttr> {
+        self.writable()?;
+        let target = Arc::new(self.target(ino, fh)?);
+        // "Now" is read once so both sides get the same timestamp.
+        let now = SystemTime::now();
+        let (at, mt) = (set_time(atime, now), set_time(mtime, now));
+        let path = match &*target {
+            Target::Path(p) => p.clone(),
+            Target::File(_) => PathBuf::new(),
+        };
+        let st = self.engine.apply("setattr", &path, move |side, v| {
+            // Owner first: chown clears set-ID bits, and an explicit mode in
+            // the same request must win. Times last, after the size change
+            // has touched mtime.
+            match &*target {
+                Target::File(f) => {
+                    let fd = f.fd(side)?;
+                    if uid.is_some() || gid.is_some() {
+                        volume::fchown(fd, uid.unwrap_or(u32::MAX), gid.unwrap_or(u32::MAX))?;
+                    }
+                    if let Some(m) = mode {
+                        volume::fchmod(fd, m & 0o7777)?;
+                    }
+                    if let Some(s) = size {
+                        volume::ftruncate(fd, s)?;
+                    }
+                    if at != SetTime::Omit || mt != SetTime::Omit {
+                        volume::futimens(fd, at, mt)?;
+                    }
+                    volume::fstat(fd)
+                }
+                Target::Path(p) => {
+                    if uid.is_some() || gid.is_some() {
+                        v.chown(p, uid.unwrap_or(u32::MAX), gid.unwrap_or(u32::MAX))?;
+                    }
+                    if let Some(m) = mode {
+                        v.chmod(p, m & 0o7777)?;
+                    }
+                    if let Some(s) = size {
+                        v.truncate(p, s)?;
+                    }
+                    if at != SetTime::Omit || mt != SetTime::Omit {
+                        v.utimens(p, at, mt)?;
+                    }
+                    v.lstat(p)
+                }
+            }
+        })?;
+        Ok(attr(ino, &st))
+    }
+
+    fn do_readlink(&self, ino: u64) -> io::Result<Vec<u8>> {
+        let p = self.nodes.path(ino)?;
+        self.engine.read("readlink", &p, |_, v| v.readlink(&p))
+    }
+
+    /// Runs a create-like change on both sides and answers with the new entry.
+    fn make(
+        &self,
+        op: &str,
+        parent: u64,
+        name: &OsStr,
+        f: impl Fn(&Volume, &Path) -> io::Result<()> + Send + Sync + 'static,
+    ) -> io::Result<FileAttr> {
+        let path = self.new_path(parent, name)?;
+        let p = path.clone();
+        let mut pair = self.engine.change(move |_, v| {
+            f(v, &p)?;
+            v.lstat(&p)
+        });
+        let side = self.engine.settle(op, &path, &pair)?;
+        let st = pair.take_ok(side).ok_or_else(|| err(libc::EIO))?;
+        Ok(self.entry(parent, name, side, &st))
+    }
+
+    fn do_unlink(&self, parent: u64, name: &OsStr, dir: bool) -> io::Result<()> {
+        self.writable()?;
+        let path = self.existing_path(parent, name)?;
+        let p = path.clone();
+        let op = if dir { "rmdir" } else { "unlink" };
+        self.engine.apply(op, &path, move |_, v| if dir { v.rmdir(&p) } else { v.unlink(&p) })?;
+        self.nodes.unlinked(parent, name);
+        Ok(())
+    }
+
+    fn do_rename(&self, parent: u64, name: &OsStr, newparent: u64, newname: &OsStr, flags: u32) -> io::Result<()> {
+        self.writable()?;
+        if Self::hidden(parent, name) || Self::hidden(newparent, newname) {
+            return Err(err(libc::EPERM));
+        }
+        let from = self.nodes.child_path(parent, name)?;
+        let to = self.nodes.child_path(newparent, newname)?;
+        let (f, t) = (from.clone(), to.clone());
+        self.engine.apply("rename", &from, move |_, v| v.rename(&f, &t, flags))?;
+        self.nodes.renamed(parent, name, newparent, newname, flags & libc::RENAME_EXCHANGE != 0);
+        Ok(())
+    }
+
+    fn do_link(&self, ino: u64, newparent: u64, newname: &OsStr) -> io::Result<FileAttr> {
+        let old = self.nodes.path(ino)?;
+        self.make("link", newparent, newname, move |v, new| v.link(&old, new))
+    }
+
+    /// Opens on every side that is up and keeps one fd per side.
+    fn open_both(
+        &self,
+        op: &str,
+        path: &Path,
+        f: impl Fn(&Volume) -> io::Result<(std::os::fd::OwnedFd, Stat)> + Send + Sync + 'static,
+    ) -> io::Result<(Side, Stat, [Option<std::os::fd::OwnedFd>; 2])> {
+        let mut pair = self.engine.change(move |_, v| f(v));
+        let side = self.engine.settle(op, path, &pair)?;
+        let mut fds = [None, None];
+        let mut stat = None;
+        for s in Side::BOTH {
+            if let Some((fd, st)) = pair.take_ok(s) {
+                fds[s.index()] = Some(fd);
+                if s == side {
+                    stat = Some(st);
+                }
+            }
+        }
+        Ok((side, stat.ok_or_else(|| err(libc::EIO))?, fds))
+    }
+
+    fn do_open(&self, ino: u64, flags: i32) -> io::Result<u64> {
+        if flags & libc::O_ACCMODE != libc::O_RDONLY {
+            self.writable()?;
+        }
+        let path = self.nodes.path(ino)?;
+        let p = path.clone();
+        let fl = backing_flags(flags);
+        let (_, _, fds) = self.open_both("open", &path, move |v| {
+            let fd = v.open_file(&p, fl)?;
+            let st = volume::fstat(std::os::fd::AsFd::as_fd(&fd))?;
+            Ok((fd, st))
+        })?;
+        Ok(self.files.insert(OpenFile { ino, fds }))
+    }
+
+    fn do_create(&self, req: &Request, parent: u64, name: &OsStr, mode: u32, umask: u32, flags: i32) -> io::Result<(FileAttr, u64)> {
+        let path = self.new_path(parent, name)?;
+        let owner = Owner { uid: req.uid(), gid: req.gid() };
+        let p = path.clone();
+        let fl = backing_flags(flags) | (flags & (libc::O_EXCL | libc::O_TRUNC));
+        let mode = mode & !umask & 0o7777;
+        let (side, st, fds) = self.open_both("create", &path, move |v| {
+            let (fd, _) = v.create(&p, fl, mode, owner)?;
+            let st = volume::fstat(std::os::fd::AsFd::as_fd(&fd))?;
+            Ok((fd, st))
+        })?;
+        let a = self.entry(parent, name, side, &st);
+        let fh = self.files.insert(OpenFile { ino: a.ino.0, fds });
+        Ok((a, fh))
+    }
+
+    fn do_read(&self, fh: u64, offset: u64, size: u32, reply: ReplyData) {
+        let file = match self.files.get(fh) {
+            Ok(f) => f,
+            Err(e) => return reply.error(errno(&e)),
+        };
+        READ_BUF.with(|cell| {
+            let mut buf = cell.borrow_mut();
+            let size = size as usize;
+            if buf.len() < size {
+                buf.resize(size, 0);
+            }
+            let r = self.engine.read("read", Path::new(""), |side, _| volume::pread(file.fd(side)?, &mut buf[..size], offset));
+            match r {
+                Ok(n) => reply.data(&buf[..n]),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn do_write(&self, fh: u64, offset: u64, data: &[u8]) -> io::Result<u32> {
+        self.writable()?;
+        let file = self.files.get(fh)?;
+        let mirror_file = file.clone();
+        // The mirror's half runs on another thread and may outlive this
+        // request if the mirror hangs, so it gets its own copy of the data.
+        let copy = PooledBuf::copy_of(data);
+        let mut pair = self.engine.change2(
+            |_| volume::pwrite_all(file.fd(Side::Primary)?, data, offset),
+            move |_| volume::pwrite_all(mirror_file.fd(Side::Mirror)?, &copy, offset),
+        );
+        let side = self.engine.settle("write", Path::new(""), &pair)?;
+        let n = pair.take_ok(side).ok_or_else(|| err(libc::EIO))?;
+        Ok(n as u32)
+    }
+
+    /// A change made through an open handle, on both sides.
+    fn on_handle<T: Send + 'static>(
+        &self,
+        op: &str,
+        fh: u64,
+        f: impl Fn(&OpenFile, Side) -> io::Result<T> + Send + Sync + 'static,
+    ) -> io::Result<T> {
+        let file = self.files.get(fh)?;
+        self.engine.apply(op, Path::new(""), move |side, _| f(&file, side))
+    }
+
+    fn do_opendir(&self, ino: u64) -> io::Result<u64> {
+        self.nodes.path(ino)?;
+        Ok(self.dirs.insert(OpenDir { ino, entries: Mutex::new(Vec::new()) }))
+    }
+
+    /// The listing of an open directory, read afresh at offset 0.
+    fn listing(&self, dir: &OpenDir, offset: u64) -> io::Result<Vec<volume::DirEntry>> {
+        let mut entries = dir.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if offset == 0 {
+            let p = self.nodes.path(dir.ino)?;
+            let mut list = self.engine.read("readdir", &p, |_, v| v.read_dir(&p))?;
+            if dir.ino == ROOT {
+                list.retain(|e| e.name.as_bytes() != META_DIR.as_bytes());
+            }
+            *entries = list;
+        }
+        Ok(entries.clone())
+    }
+
+    fn do_readdir(&self, fh: u64, offset: u64, reply: &mut ReplyDirectory) -> io::Result<()> {
+        let dir = self.dirs.get(fh)?;
+        let entries = self.listing(&dir, offset)?;
+        let dots = [(OsStr::new("."), FileType::Directory), (OsStr::new(".."), FileType::Directory)];
+        let all = dots
+            .iter()
+            .map(|(n, k)| (dir.ino, *k, *n))
+            .chain(entries.iter().map(|e| (e.ino, dtype_kind(e.dtype), e.name.as_os_str())));
+        for (i, (ino, k, name)) in all.enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(ino), i as u64 + 1, k, name) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn do_readdirplus(&self, fh: u64, offset: u64, reply: &mut ReplyDirectoryPlus) -> io::Result<()> {
+        let dir = self.dirs.get(fh)?;
+        let entries = self.listing(&dir, offset)?;
+        let dpath = self.nodes.path(dir.ino)?;
+        let dst = self.engine.read("readdirplus", &dpath, |_, v| v.lstat(&dpath))?;
+        let dattr = attr(dir.ino, &dst);
+        for i in offset as usize..entries.len() + 2 {
+            let off = i as u64 + 1;
+            if i < 2 {
+                // The kernel takes no lookup reference for "." and "..".
+                let name = if i == 0 { "." } else { ".." };
+                if reply.add(INodeNo(dir.ino), off, name, &TTL, &dattr, Generation(0)) {
+                    break;
+                }
+                continue;
+            }
+            let e = &entries[i - 2];
+            let p = volume::child(&dpath, &e.name);
+            // An entry removed since the listing was taken is skipped.
+            let Ok((side, st)) = self.engine.read("readdirplus", &p, |side, v| v.lstat(&p).map(|st| (side, st))) else {
+                continue;
+            };
+            let a = self.entry(dir.ino, &e.name, side, &st);
+            if reply.add(a.ino, off, &e.name, &TTL, &a, Generation(0)) {
+                // Not sent: give back the lookup reference `entry` took.
+                self.nodes.forget(a.ino.0, 1);
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn do_statfs(&self) -> io::Result<(libc::statvfs, u64, u64, u64)> {
+        let r = self.engine.reader();
+        let st = self.engine.volume(r)?.statvfs()?;
+        let (mut bfree, mut bavail, mut ffree) = (st.f_bfree, st.f_bavail, st.f_ffree);
+        // Writes fail when either side fills up, so report the smaller free space.
+        let other = r.other();
+        if self.engine.health.is_up(other)
+            && let Ok(o) = self.engine.volume(other).and_then(|v| v.statvfs()) {
+                let scale = |x: u64| x.saturating_mul(o.f_frsize) / st.f_frsize.max(1);
+                bfree = bfree.min(scale(o.f_bfree));
+                bavail = bavail.min(scale(o.f_bavail));
+                ffree = ffree.min(o.f_ffree);
+            }
+        Ok((st, bfree, bavail, ffree))
+    }
+
+    fn xattr_target(&self, ino: u64) -> io::Result<PathBuf> {
+        self.nodes.path(ino)
+    }
+}
+
+fn reply_xattr(reply: ReplyXattr, size: u32, r: io::Result<(Vec<u8>, usize)>) {
+    match r {
+        Ok((_, len)) if size == 0 => reply.size(len as u32),
+        Ok((data, _)) => reply.data(&data),
+        Err(e) => reply.error(errno(&e)),
+    }
+}
+
+fn reply_empty(reply: ReplyEmpty, r: io::Result<()>) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(errno(&e)),
+    }
+}
+
+fn reply_entry(reply: ReplyEntry, r: io::Result<FileAttr>) {
+    match r {
+        Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+        Err(e) => reply.error(errno(&e)),
+    }
+}
+
+impl Filesystem for MirrorFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        let wanted = InitFlags::FUSE_DO_READDIRPLUS
+            | InitFlags::FUSE_READDIRPLUS_AUTO
+            | InitFlags::FUSE_PARALLEL_DIROPS
+            | InitFlags::FUSE_CACHE_SYMLINKS
+            | InitFlags::FUSE_ASYNC_DIO;
+        for flag in wanted.iter() {
+            if config.add_capabilities(flag).is_err() {
+                log::info!("kernel lacks capability {flag:?}");
+            }
+        }
+        let _ = config.set_max_write(MAX_WRITE);
+        let _ = config.set_max_background(64);
+        let _ = config.set_congestion_threshold(48);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        reply_entry(reply, self.do_lookup(parent.0, name));
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.nodes.forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.do_getattr(ino.0, fh) {
+            Ok(a) => reply.attr(&TTL, &a),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        match self.do_setattr(ino.0, mode, uid, gid, size, atime, mtime, fh) {
+            Ok(a) => reply.attr(&TTL, &a),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.do_readlink(ino.0) {
+            Ok(d) => reply.data(&d),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
+        let owner = Owner { uid: req.uid(), gid: req.gid() };
+        let mode = (mode & libc::S_IFMT) | (mode & !umask & 0o7777);
+        reply_entry(reply, self.make("mknod", parent.0, name, move |v, p| v.mknod(p, mode, rdev as u64, owner)));
+    }
+
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        let owner = Owner { uid: req.uid(), gid: req.gid() };
+        let mode = mode & !umask & 0o7777;
+        reply_entry(reply, self.make("mkdir", parent.0, name, move |v, p| v.mkdir(p, mode, owner)));
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        reply_empty(reply, self.do_unlink(parent.0, name, false));
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        reply_empty(reply, self.do_unlink(parent.0, name, true));
+    }
+
+    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        let owner = Owner { uid: req.uid(), gid: req.gid() };
+        let target = target.as_os_str().to_os_string();
+        reply_entry(reply, self.make("symlink", parent.0, link_name, move |v, p| v.symlink(&target, p, owner)));
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        reply_empty(reply, self.do_rename(parent.0, name, newparent.0, newname, flags.bits()));
+    }
+
+    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        reply_entry(reply, self.writable().and_then(|_| self.do_link(ino.0, newparent.0, newname)));
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        match self.do_open(ino.0, flags.0) {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        self.do_read(fh.0, offset, size, reply);
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.do_write(fh.0, offset, data) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        reply_empty(reply, self.on_handle("flush", fh.0, |f, side| volume::flush(f.fd(side)?)));
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.files.remove(fh.0);
+        reply.ok();
+    }
+
+    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+        reply_empty(reply, self.on_handle("fsync", fh.0, move |f, side| volume::fsync(f.fd(side)?, datasync)));
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.do_opendir(ino.0) {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        match self.do_readdir(fh.0, offset, &mut reply) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readdirplus(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        match self.do_readdirplus(fh.0, offset, &mut reply) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        self.dirs.remove(fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+        let r = self.nodes.path(ino.0).and_then(|p| {
+            let q = p.clone();
+            self.engine.apply("fsyncdir", &p, move |_, v| v.fsync_path(&q, datasync))
+        });
+        reply_empty(reply, r);
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match self.do_statfs() {
+            Ok((st, bfree, bavail, ffree)) => reply.statfs(
+                st.f_blocks,
+                bfree,
+                bavail,
+                st.f_files,
+                ffree,
+                st.f_bsize as u32,
+                st.f_namemax as u32,
+                st.f_frsize as u32,
+            ),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn setxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, value: &[u8], flags: i32, _position: u32, reply: ReplyEmpty) {
+        let r = self.writable().and_then(|_| self.xattr_target(ino.0)).and_then(|p| {
+            let (q, name, value) = (p.clone(), name.to_os_string(), value.to_vec());
+            self.engine.apply("setxattr", &p, move |_, v| v.setxattr(&q, &name, &value, flags))
+        });
+        reply_empty(reply, r);
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let r = self.xattr_target(ino.0).and_then(|p| self.engine.read("getxattr", &p, |_, v| v.getxattr(&p, name, size as usize)));
+        reply_xattr(reply, size, r);
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let r = self.xattr_target(ino.0).and_then(|p| self.engine.read("listxattr", &p, |_, v| v.listxattr(&p, size as usize)));
+        reply_xattr(reply, size, r);
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let r = self.writable().and_then(|_| self.xattr_target(ino.0)).and_then(|p| {
+            let (q, name) = (p.clone(), name.to_os_string());
+            self.engine.apply("removexattr", &p, move |_, v| v.removexattr(&q, &name))
+        });
+        reply_empty(reply, r);
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // The mount always uses default_permissions, so the kernel checks
+        // permissions; this only confirms the entry still exists.
+        reply_empty(reply, self.do_getattr(ino.0, None).map(drop));
+    }
+
+    fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, flags: i32, reply: ReplyCreate) {
+        match self.do_create(req, parent.0, name, mode, umask, flags) {
+            Ok((a, fh)) => reply.created(&TTL, &a, Generation(0), FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn fallocate(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, length: u64, mode: i32, reply: ReplyEmpty) {
+        let r = self.writable().and_then(|_| {
+            self.on_handle("fallocate", fh.0, move |f, side| volume::fallocate(f.fd(side)?, mode, offset, length))
+        });
+        reply_empty(reply, r);
+    }
+
+    fn lseek(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
+        let r = self.files.get(fh.0).and_then(|f| self.engine.read("lseek", Path::new(""), |side, _| volume::lseek(f.fd(side)?, offset, whence)));
+        match r {
+            Ok(o) => reply.offset(o),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        _ino_in: INodeNo,
+        fh_in: FileHandle,
+        offset_in: u64,
+        _ino_out: INodeNo,
+        fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        flags: CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        let r = self.writable().and_then(|_| self.files.get(fh_in.0)).and_then(|fin| {
+            let flags = flags.bits() as u32;
+            self.on_handle("copy_file_range", fh_out.0, move |fout, side| {
+                volume::copy_file_range(fin.fd(side)?, offset_in, fout.fd(side)?, offset_out, len, flags)
+            })
+        });
+        match r {
+            Ok(n) => reply.written(n as u32),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+}

@@ -1,0 +1,50 @@
+//! mirrorfs: a FUSE filesystem that presents a `PRIMARY|MIRROR` pair of
+//! directories as one mount and applies every change to both.
+//!
+//! `main.rs` stays thin; everything here is testable as a library.
+
+pub mod bufpool;
+pub mod cli;
+pub mod daemon;
+pub mod fs;
+pub mod health;
+pub mod meta;
+pub mod mirror;
+pub mod nodes;
+pub mod spec;
+pub mod verify;
+pub mod volume;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+/// Runs the command line and returns the process exit code.
+pub fn run(args: Vec<String>) -> ExitCode {
+    let prog = args.first().map(|a| a.rsplit('/').next().unwrap_or(a).to_string()).unwrap_or_default();
+    let args = if prog.starts_with("mount.") { cli::from_mount_helper(&args) } else { args };
+    let cli = match cli::Cli::try_parse_from(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(e.exit_code() as u8);
+        }
+    };
+    let r = match cli.command {
+        cli::Command::Mount { foreground, options, spec, mountpoint } => match spec::Options::parse(&options) {
+            Ok(opts) => daemon::mount(&spec, &mountpoint, opts, foreground),
+            Err(e) => Err(daemon::Failure::Usage(e)),
+        },
+        cli::Command::Unmount { mountpoint } => daemon::unmount(&mountpoint),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("mirrorfs: {}", f.message());
+            ExitCode::from(match f {
+                daemon::Failure::Usage(_) => 2,
+                daemon::Failure::Runtime(_) => 1,
+            })
+        }
+    }
+}
