@@ -9,7 +9,8 @@
 use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -148,7 +149,7 @@ fn prepare(spec: &str, mountpoint: &Path, opts: Options) -> Result<Prepared, Fai
 pub fn mount(spec: &str, mountpoint: &Path, opts: Options, foreground: bool) -> Result<(), Failure> {
     let prepared = prepare(spec, mountpoint, opts)?;
     if foreground {
-        return serve(prepared, None);
+        return serve(prepared, &mut None);
     }
     let (rd, wr) = nix::unistd::pipe().map_err(|e| Failure::Runtime(format!("pipe: {e}")))?;
     // SAFETY: no thread has been started yet, so the child is a plain copy.
@@ -165,10 +166,10 @@ pub fn mount(spec: &str, mountpoint: &Path, opts: Options, foreground: bool) -> 
         }
         nix::unistd::ForkResult::Child => {
             drop(rd);
-            let mut pipe = File::from(wr);
-            let r = detach(&prepared.spec.mountpoint).and_then(|_| serve(prepared, Some(&mut pipe)));
-            if let Err(e) = &r {
-                let _ = pipe.write_all(e.message().as_bytes());
+            let mut pipe = Some(File::from(wr));
+            let r = detach(&prepared.spec.mountpoint).and_then(|_| serve(prepared, &mut pipe));
+            if let (Err(e), Some(p)) = (&r, pipe.as_mut()) {
+                let _ = p.write_all(e.message().as_bytes());
             }
             std::process::exit(if r.is_ok() { 0 } else { 1 });
         }
@@ -197,24 +198,47 @@ fn detach(mountpoint: &Path) -> Result<(), Failure> {
     Ok(())
 }
 
-fn fuser_config(spec: &MountSpec, opts: &Options) -> fuser::Config {
-    use fuser::MountOption as M;
+fn fuser_config() -> fuser::Config {
     let mut cfg = fuser::Config::default();
-    cfg.mount_options = vec![
-        M::FSName(opts.fsname.clone().unwrap_or_else(|| spec.spec_string())),
-        M::Subtype("mirrorfs".into()),
-        M::DefaultPermissions,
-    ];
-    if opts.read_only {
-        cfg.mount_options.push(M::RO);
-    }
-    cfg.acl = if opts.allow_other { fuser::SessionACL::All } else { fuser::SessionACL::Owner };
     cfg.n_threads = Some(FUSE_THREADS);
     cfg.clone_fd = true;
     cfg
 }
 
-fn serve(p: Prepared, ready: Option<&mut File>) -> Result<(), Failure> {
+/// Opens /dev/fuse and mounts it with mount(2) as type `fuse.mirrorfs`, so
+/// the mount table names the filesystem (fuser's own mount drops the subtype).
+fn kernel_mount(spec: &MountSpec, opts: &Options) -> io::Result<OwnedFd> {
+    let dev = OpenOptions::new().read(true).write(true).open("/dev/fuse")?;
+    let fd = OwnedFd::from(dev);
+    let root_mode = fs::metadata(&spec.mountpoint)?.permissions().mode() & libc::S_IFMT;
+    let mut data = format!(
+        "fd={},rootmode={:o},user_id={},group_id={},default_permissions",
+        fd.as_raw_fd(),
+        root_mode | libc::S_IFDIR,
+        nix::unistd::getuid(),
+        nix::unistd::getgid()
+    );
+    if opts.allow_other {
+        data.push_str(",allow_other");
+    }
+    let mut flags = libc::MS_NOSUID | libc::MS_NODEV;
+    if opts.read_only {
+        flags |= libc::MS_RDONLY;
+    }
+    // Commas would split the option string; the source is only a label.
+    let source = opts.fsname.clone().unwrap_or_else(|| spec.spec_string());
+    let c = |s: &[u8]| CString::new(s).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL));
+    let (src, target, fstype, data) =
+        (c(source.as_bytes())?, c(spec.mountpoint.as_os_str().as_bytes())?, c(b"fuse.mirrorfs")?, c(data.as_bytes())?);
+    // SAFETY: all pointers are valid NUL-terminated strings.
+    let r = unsafe { libc::mount(src.as_ptr(), target.as_ptr(), fstype.as_ptr(), flags, data.as_ptr().cast()) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+fn serve(p: Prepared, ready: &mut Option<File>) -> Result<(), Failure> {
     let Prepared { spec, opts, vols, _locks } = p;
     let rt = |what: &str, e: &dyn std::fmt::Display| Failure::Runtime(format!("{what}: {e}"));
     // Blocked here, before any thread exists, so every thread inherits the
@@ -231,14 +255,22 @@ fn serve(p: Prepared, ready: Option<&mut File>) -> Result<(), Failure> {
     let engine = Arc::new(Engine::new(pv, mv, opts.side_timeout, MIRROR_THREADS).map_err(|e| rt("starting workers", &e))?);
     let fs = MirrorFs::new(engine.clone(), FsConfig { read_only: opts.read_only, threads: FUSE_THREADS })
         .map_err(|e| rt("reading the root", &e))?;
-    let session = fuser::Session::new(fs, &spec.mountpoint, &fuser_config(&spec, &opts))
-        .map_err(|e| rt(&format!("mounting {}", spec.mountpoint.display()), &e))?;
+    let fuse_fd = kernel_mount(&spec, &opts).map_err(|e| rt(&format!("mounting {}", spec.mountpoint.display()), &e))?;
+    let acl = if opts.allow_other { fuser::SessionACL::All } else { fuser::SessionACL::Owner };
+    let session = match fuser::Session::from_fd(fs, fuse_fd, acl, fuser_config()) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = unmount_now(&spec.mountpoint);
+            return Err(rt("FUSE handshake", &e));
+        }
+    };
 
     let _ = fs::create_dir_all(RUN_DIR);
     let pid_file = runtime_file(&spec.mountpoint, "pid");
     let _ = fs::write(&pid_file, format!("{}\n", std::process::id()));
     log::info!("mounted mountpoint={} primary={} mirror={}", spec.mountpoint.display(), spec.primary.display(), spec.mirror.display());
-    if let Some(pipe) = ready {
+    // Closing the pipe after "ok" lets the parent exit.
+    if let Some(mut pipe) = ready.take() {
         let _ = pipe.write_all(b"ok");
     }
 
@@ -284,6 +316,15 @@ fn unmount_now(mnt: &Path) -> io::Result<()> {
     if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }
 
+/// True while `pid` exists and has not exited (a zombie waiting for its
+/// parent to reap it has finished).
+fn process_running(pid: i32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next()) != Some('Z'),
+        Err(_) => false,
+    }
+}
+
 /// `mirrorfs unmount`: unmounts and waits for the daemon to finish.
 pub fn unmount(mountpoint: &Path) -> Result<(), Failure> {
     let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
@@ -301,8 +342,7 @@ pub fn unmount(mountpoint: &Path) -> Result<(), Failure> {
     }
     if let Some(pid) = pid {
         let deadline = Instant::now() + Duration::from_secs(30);
-        // SAFETY: signal 0 only checks that the process exists.
-        while unsafe { libc::kill(pid, 0) } == 0 && Instant::now() < deadline {
+        while process_running(pid) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -1,0 +1,162 @@
+//! Fixtures: a mounted pair (`Mounted`) and small command helpers.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_mirrorfs");
+
+/// True if FUSE tests can run here. Otherwise says so loudly, and under
+/// CI=true fails the test instead of letting it pass as a skip.
+pub fn fuse_available(test: &str) -> bool {
+    let root = nix::unistd::geteuid().is_root();
+    let dev = Path::new("/dev/fuse").exists();
+    if root && dev {
+        return true;
+    }
+    let why = format!("{test}: CANNOT RUN: needs root ({root}) and /dev/fuse ({dev})");
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{why} -- failing because CI=true");
+    }
+    eprintln!("\n!!!!!!!! {why} -- NOT TESTED !!!!!!!!\n");
+    false
+}
+
+/// Runs a command and returns its output, panicking if it cannot start.
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
+/// Runs a command that must succeed.
+pub fn ok(cmd: &mut Command) -> Output {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A directory under /tmp that every user can reach (tempfile makes 0700).
+pub fn open_tempdir() -> tempfile::TempDir {
+    let t = tempfile::Builder::new().prefix("mirrorfs-it.").tempdir_in("/tmp").expect("tempdir");
+    std::fs::set_permissions(t.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    t
+}
+
+pub fn is_mounted(mnt: &Path) -> bool {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(mnt.to_str().unwrap_or("")))
+}
+
+/// A mirrorfs mount over `<tmp>/primary|<tmp>/mirror` at `<tmp>/mnt`, served
+/// by a foreground daemon that this fixture started and ends.
+pub struct Mounted {
+    pub dir: tempfile::TempDir,
+    pub primary: PathBuf,
+    pub mirror: PathBuf,
+    pub mnt: PathBuf,
+    child: Option<Child>,
+}
+
+impl Mounted {
+    /// Mounts with `-o create,<opts>`; None when FUSE tests cannot run here.
+    pub fn new(test: &str, opts: &str) -> Option<Mounted> {
+        if !fuse_available(test) {
+            return None;
+        }
+        let dir = open_tempdir();
+        let (primary, mirror, mnt) = (dir.path().join("primary"), dir.path().join("mirror"), dir.path().join("mnt"));
+        let mut m = Mounted { dir, primary, mirror, mnt, child: None };
+        m.start(opts);
+        Some(m)
+    }
+
+    fn start(&mut self, opts: &str) {
+        let o = if opts.is_empty() { "create".to_string() } else { format!("create,{opts}") };
+        let spec = format!("{}|{}", self.primary.display(), self.mirror.display());
+        let child = Command::new(BIN)
+            .args(["mount", "-f", "-o", &o, &spec])
+            .arg(&self.mnt)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn mirrorfs");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !is_mounted(&self.mnt) {
+            if let Some(st) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("mirrorfs exited before mounting: {st}");
+            }
+            assert!(Instant::now() < deadline, "mount did not appear within 20 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The pid of the daemon serving this mount.
+    pub fn daemon_pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.mnt.join(rel)
+    }
+
+    /// Unmounts and waits for the daemon; panics if it does not exit cleanly.
+    pub fn unmount(&mut self) {
+        if is_mounted(&self.mnt) {
+            ok(Command::new(BIN).arg("unmount").arg(&self.mnt));
+        }
+        if let Some(mut c) = self.child.take() {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                if let Some(st) = c.try_wait().expect("wait") {
+                    assert!(st.success(), "daemon exited with {st}");
+                    break;
+                }
+                if Instant::now() > deadline {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    panic!("daemon did not exit within 30 s of unmount");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// Asserts that the two sides hold identical trees.
+    pub fn assert_identical(&self) {
+        let diffs = mirrorfs::verify::compare_trees(&self.primary, &self.mirror).expect("compare sides");
+        assert!(diffs.is_empty(), "sides differ:\n{}", diffs.iter().map(|d| format!("  {d}\n")).collect::<String>());
+    }
+
+    /// Unmounts, then checks the sides: the end of every test that writes.
+    pub fn finish(mut self) {
+        self.unmount();
+        self.assert_identical();
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if is_mounted(&self.mnt) {
+            let _ = Command::new(BIN).arg("unmount").arg(&self.mnt).output();
+            if is_mounted(&self.mnt) {
+                let _ = Command::new("umount").arg("-l").arg(&self.mnt).output();
+            }
+        }
+        if let Some(mut c) = self.child.take() {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

@@ -1,0 +1,350 @@
+//! Reference workloads through the mount: pjdfstest, fsx (with mmap),
+//! PostgreSQL (pgbench, non-root, checksums) and SQLite (rollback journal
+//! and WAL). Each ends with identical sides.
+//!
+//! The tools come from .ci/install.sh; a missing tool fails the test.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Instant;
+
+use crate::common::{Mounted, ok, open_tempdir, run};
+
+fn text(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+/// Finds a tool on PATH or in root's cargo bin (where `cargo install` puts it).
+fn tool(name: &str) -> PathBuf {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
+    if let Some(h) = std::env::var_os("CARGO_HOME") {
+        dirs.push(PathBuf::from(h).join("bin"));
+    }
+    if let Some(h) = std::env::var_os("HOME") {
+        dirs.push(PathBuf::from(h).join(".cargo/bin"));
+    }
+    dirs.push("/root/.cargo/bin".into());
+    dirs.push("/usr/lib/postgresql/15/bin".into());
+    dirs.into_iter()
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("{name} not found (see .ci/install.sh)"))
+}
+
+// ---------------------------------------------------------------- pjdfstest
+
+/// pjdfstest failures that are inherent to FUSE or to the mirrorfs design,
+/// each investigated: (test name as pjdfstest prints it, reason).
+const EXPECTED_FAILURES: &[(&str, &str)] = &[];
+
+struct PjdResult {
+    passed: u32,
+    failed: u32,
+    skipped: u32,
+    failures: BTreeSet<String>,
+}
+
+fn parse_pjdfstest(out: &str) -> PjdResult {
+    let summary = out
+        .lines()
+        .find_map(|l| l.strip_prefix("pjdfstest: "))
+        .unwrap_or_else(|| panic!("no 'pjdfstest: ...' summary in:\n{out}"));
+    let count = |what: &str| -> u32 {
+        summary
+            .split(", ")
+            .find_map(|p| p.strip_suffix(what).map(|n| n.trim().parse::<u32>().expect("count")))
+            .unwrap_or_else(|| panic!("no '{what}' in summary {summary:?}"))
+    };
+    let failures = out.lines().filter_map(|l| l.strip_prefix("FAILED ")).map(|s| s.trim().to_string()).collect();
+    PjdResult { passed: count(" passed"), failed: count(" failed"), skipped: count(" skipped"), failures }
+}
+
+#[test]
+fn pjdfstest_matches_ext4() {
+    let Some(m) = Mounted::new("pjdfstest_matches_ext4", "allow_other") else { return };
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tools/pjdfstest.sh");
+    let log = m.dir.path().join("pjdfstest.log");
+    let t0 = Instant::now();
+    let out = run(Command::new("bash").arg(&script).arg(&m.mnt).arg(&log).stdin(Stdio::null()));
+    let all = text(&out);
+    assert!(out.status.success(), "pjdfstest.sh could not run ({}):\n{all}", out.status);
+    let r = parse_pjdfstest(&all);
+    println!(
+        "pjdfstest on mirrorfs: {} passed, {} failed, {} skipped ({:.0} s; ext4: 376 passed, 0 failed, 22 skipped)",
+        r.passed,
+        r.failed,
+        r.skipped,
+        t0.elapsed().as_secs_f64()
+    );
+    for f in &r.failures {
+        println!("  FAILED {f}");
+    }
+    assert_eq!(r.failures.len() as u32, r.failed, "failed count does not match the FAILED lines:\n{all}");
+    assert!(r.passed > 0, "no test passed:\n{all}");
+    let expected: BTreeSet<&str> = EXPECTED_FAILURES.iter().map(|(n, _)| *n).collect();
+    let unexpected: Vec<&String> = r.failures.iter().filter(|f| !expected.contains(f.as_str())).collect();
+    if !unexpected.is_empty() {
+        let full = std::fs::read_to_string(&log).unwrap_or_default();
+        panic!(
+            "unexpected pjdfstest failures: {unexpected:?}\n--- full pjdfstest output ({}) ---\n{full}",
+            log.display()
+        );
+    }
+    m.finish();
+}
+
+// ---------------------------------------------------------------- fsx
+
+#[test]
+fn fsx_100k_ops_with_mmap() {
+    let Some(m) = Mounted::new("fsx_100k_ops_with_mmap", "allow_other") else { return };
+    let t0 = Instant::now();
+    let out = run(
+        Command::new(tool("fsx"))
+            .args(["-N", "100000", "-S", "42", "-P"])
+            .arg(&m.mnt)
+            .arg(m.path("fsx.dat"))
+            .stdin(Stdio::null()),
+    );
+    let secs = t0.elapsed().as_secs_f64();
+    let all = text(&out);
+    println!("fsx: 100000 ops in {secs:.1} s ({:.1} s per 10k ops)", secs / 10.0);
+    assert!(out.status.success(), "fsx failed ({}):\n{all}", out.status);
+    assert!(all.contains("All operations completed A-OK!"), "fsx did not report A-OK:\n{all}");
+    m.finish();
+}
+
+// ---------------------------------------------------------------- PostgreSQL
+
+const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+fn postgres_ids() -> (nix::unistd::Uid, nix::unistd::Gid) {
+    let u = nix::unistd::User::from_name("postgres").expect("getpwnam").expect("user postgres missing (postgresql-15)");
+    (u.uid, u.gid)
+}
+
+/// A command run as user postgres, from a directory postgres can reach.
+fn as_postgres(prog: &str) -> Command {
+    let mut c = Command::new("setpriv");
+    c.args(["--reuid=postgres", "--regid=postgres", "--init-groups", "--"])
+        .arg(Path::new(PG_BIN).join(prog))
+        .current_dir("/")
+        .env("HOME", "/tmp")
+        .env("LC_ALL", "C")
+        .env_remove("PGDATA")
+        .env_remove("PGHOST")
+        .env_remove("PGPORT")
+        .env_remove("PGUSER")
+        .env_remove("PGDATABASE")
+        .stdin(Stdio::null());
+    c
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A running postgres; dropping it (also on panic) stops it with -m immediate.
+struct PgServer {
+    data: PathBuf,
+    sockdir: PathBuf,
+    port: u16,
+    log: PathBuf,
+    running: bool,
+}
+
+impl PgServer {
+    fn start(data: &Path, sockdir: &Path) -> PgServer {
+        let port = free_port();
+        let log = sockdir.join("postgres.log");
+        let o = format!("-k {} -p {port} -c listen_addresses=''", sockdir.display());
+        let mut s = PgServer { data: data.to_path_buf(), sockdir: sockdir.to_path_buf(), port, log, running: true };
+        let out = run(as_postgres("pg_ctl").arg("-D").arg(data).arg("-l").arg(&s.log).args(["-o", &o, "-w", "-t", "120", "start"]));
+        if !out.status.success() {
+            let log = std::fs::read_to_string(&s.log).unwrap_or_default();
+            panic!("pg_ctl start failed ({}):\n{}\n--- server log ---\n{log}", out.status, text(&out));
+        }
+        s.running = true;
+        s
+    }
+
+    fn pgbench(&self, args: &[&str]) -> String {
+        let out = run(as_postgres("pgbench")
+            .arg("-h")
+            .arg(&self.sockdir)
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .arg("postgres"));
+        let all = text(&out);
+        if !out.status.success() {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            panic!("pgbench {args:?} failed ({}):\n{all}\n--- server log ---\n{log}", out.status);
+        }
+        all
+    }
+
+    fn stop(&mut self) {
+        self.running = false;
+        let out = run(as_postgres("pg_ctl").arg("-D").arg(&self.data).args(["stop", "-m", "fast", "-w", "-t", "120"]));
+        if !out.status.success() {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            panic!("pg_ctl stop failed ({}):\n{}\n--- server log ---\n{log}", out.status, text(&out));
+        }
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        if self.running {
+            let _ = as_postgres("pg_ctl").arg("-D").arg(&self.data).args(["stop", "-m", "immediate", "-w"]).output();
+        }
+    }
+}
+
+/// initdb -k into `data` (an empty directory owned by postgres, mode 0700),
+/// pgbench -i -s 10, then pgbench -c 4 -j 2 -T 30; returns the TPS.
+fn pgbench_on(data: &Path, label: &str) -> f64 {
+    let sock = open_tempdir();
+    std::fs::set_permissions(sock.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let t0 = Instant::now();
+    ok(as_postgres("initdb").args(["-k", "-A", "trust", "-U", "postgres", "-D"]).arg(data));
+    let t_initdb = t0.elapsed().as_secs_f64();
+    let mut pg = PgServer::start(data, sock.path());
+    let t1 = Instant::now();
+    pg.pgbench(&["-i", "-s", "10"]);
+    let t_init = t1.elapsed().as_secs_f64();
+    let out = pg.pgbench(&["-c", "4", "-j", "2", "-T", "30"]);
+    if let Some(l) = out.lines().find(|l| l.contains("number of failed transactions")) {
+        let n = l.split(':').nth(1).and_then(|v| v.split_whitespace().next()).map(|v| v.parse::<u64>().expect("failed count"));
+        assert_eq!(n, Some(0), "{label}: pgbench reported failed transactions:\n{out}");
+    }
+    let processed = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("number of transactions actually processed:"))
+        .and_then(|v| v.split('/').next())
+        .map(|v| v.trim().parse::<u64>().expect("processed count"))
+        .unwrap_or_else(|| panic!("{label}: no processed count:\n{out}"));
+    assert!(processed > 0, "{label}: no transaction processed:\n{out}");
+    let tps = out
+        .lines()
+        .find_map(|l| l.strip_prefix("tps = "))
+        .and_then(|v| v.split_whitespace().next())
+        .map(|v| v.parse::<f64>().expect("tps"))
+        .unwrap_or_else(|| panic!("{label}: no tps line:\n{out}"));
+    pg.stop();
+    println!(
+        "{label}: initdb {t_initdb:.1} s, pgbench -i -s 10 {t_init:.1} s, {processed} transactions, tps {tps:.1}, total {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    tps
+}
+
+fn chown_postgres_0700(dir: &Path) {
+    let (uid, gid) = postgres_ids();
+    std::os::unix::fs::chown(dir, Some(uid.as_raw()), Some(gid.as_raw())).unwrap();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+}
+
+#[test]
+fn postgres_pgbench_non_root() {
+    let Some(mut m) = Mounted::new("postgres_pgbench_non_root", "allow_other") else { return };
+    chown_postgres_0700(&m.mnt);
+    let t0 = Instant::now();
+    let tps_fuse = pgbench_on(&m.mnt, "mirrorfs");
+    let t_fuse = t0.elapsed().as_secs_f64();
+
+    // The sides must be byte-identical and each a consistent cluster.
+    m.unmount();
+    m.assert_identical();
+    for side in [&m.primary, &m.mirror] {
+        let out = run(as_postgres("pg_checksums").arg("--check").arg("-D").arg(side));
+        let all = text(&out);
+        assert!(out.status.success(), "pg_checksums --check -D {} failed ({}):\n{all}", side.display(), out.status);
+        assert!(all.contains("Bad checksums:  0"), "pg_checksums on {}:\n{all}", side.display());
+    }
+
+    // The same workload on a plain directory, for comparison.
+    let native = open_tempdir();
+    let data = native.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    chown_postgres_0700(&data);
+    let tps_native = pgbench_on(&data, "native");
+    println!("pgbench tps: mirrorfs={tps_fuse:.1} native={tps_native:.1} ratio={:.2}", tps_fuse / tps_native);
+    println!("postgres on mirrorfs: {t_fuse:.1} s");
+    m.finish();
+}
+
+// ---------------------------------------------------------------- SQLite
+
+fn sqlite3(db: &Path, sql: &str) -> String {
+    let mut child = Command::new(tool("sqlite3"))
+        .arg("-batch")
+        .arg("-bail")
+        .arg(db)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn sqlite3");
+    let mut stdin = child.stdin.take().unwrap();
+    let input = sql.to_string();
+    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
+    let out = child.wait_with_output().expect("sqlite3");
+    writer.join().unwrap().expect("write to sqlite3");
+    let all = text(&out);
+    assert!(out.status.success(), "sqlite3 {} failed ({}):\n{all}", db.display(), out.status);
+    assert!(out.stderr.is_empty(), "sqlite3 {} wrote to stderr:\n{all}", db.display());
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// 10,000 single-row autocommit transactions in `mode`, then checks.
+fn sqlite_workload(test: &str, mode: &str) {
+    const ROWS: u32 = 10_000;
+    let Some(mut m) = Mounted::new(test, "allow_other") else { return };
+    let db = m.path("test.db");
+    let mut script = format!(
+        "PRAGMA journal_mode={mode};\n\
+         PRAGMA synchronous=FULL;\n\
+         CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT NOT NULL, n INTEGER NOT NULL);\n\
+         CREATE INDEX t_v ON t(v);\n"
+    );
+    for i in 0..ROWS {
+        script.push_str(&format!("INSERT INTO t(v, n) VALUES('row-{i:05}-{}', {i});\n", "x".repeat((i % 97) as usize)));
+    }
+    let t0 = Instant::now();
+    let out = sqlite3(&db, &script);
+    let secs = t0.elapsed().as_secs_f64();
+    assert_eq!(out.trim(), mode.to_lowercase(), "journal_mode not set");
+    println!("sqlite {mode}: {ROWS} transactions in {secs:.1} s");
+
+    let check = "PRAGMA journal_mode;\nPRAGMA integrity_check;\nSELECT count(*), sum(n) FROM t;\n";
+    let sum = u64::from(ROWS) * u64::from(ROWS - 1) / 2;
+    let want = format!("{}\nok\n{ROWS}|{sum}", mode.to_lowercase());
+    assert_eq!(sqlite3(&db, check).trim(), want, "through the mount");
+    // Both connections closed: no journal/WAL left behind.
+    for suffix in ["-journal", "-wal", "-shm"] {
+        let p = m.path(&format!("test.db{suffix}"));
+        assert!(!p.exists(), "{} left behind after close", p.display());
+    }
+
+    // The backing file itself (opened immutable: no locks, no writes).
+    m.unmount();
+    m.assert_identical();
+    let uri = format!("file:{}?immutable=1", m.primary.join("test.db").display());
+    let out = sqlite3(Path::new(&uri), "PRAGMA integrity_check;\nSELECT count(*), sum(n) FROM t;\n");
+    assert_eq!(out.trim(), format!("ok\n{ROWS}|{sum}"), "primary side");
+    m.finish();
+}
+
+#[test]
+fn sqlite_rollback_journal() {
+    sqlite_workload("sqlite_rollback_journal", "DELETE");
+}
+
+#[test]
+fn sqlite_wal() {
+    sqlite_workload("sqlite_wal", "WAL");
+}
