@@ -69,7 +69,12 @@ mod tests {
         let c = Cli::try_parse_from(["mirrorfs", "mount", "-f", "-o", "ro,create", "a|b", "/mnt"]).unwrap();
         assert_eq!(
             c.command,
-            Command::Mount { foreground: true, options: vec!["ro,create".into()], spec: "a|b".into(), mountpoint: "/mnt".into() }
+            Command::Mount {
+                foreground: true,
+                options: vec!["ro,create".into()],
+                spec: "a|b".into(),
+                mountpoint: "/mnt".into()
+            }
         );
     }
 
@@ -81,7 +86,13 @@ mod tests {
 
     #[test]
     fn translates_mount_helper_arguments() {
-        let args: Vec<String> = ["mount.fuse.mirrorfs", "/p|/m", "/mnt", "-o", "rw,allow_other", "-n"].iter().map(|s| s.to_string()).collect();
-        assert_eq!(from_mount_helper(&args), vec!["mirrorfs", "mount", "-o", "rw,allow_other", "/p|/m", "/mnt"]);
+        let args: Vec<String> = ["mount.fuse.mirrorfs", "/p|/m", "/mnt", "-o", "rw,allow_other", "-n"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(
+            from_mount_helper(&args),
+            vec!["mirrorfs", "mount", "-o", "rw,allow_other", "/p|/m", "/mnt"]
+        );
     }
 }

@@ -10,8 +10,8 @@ use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -111,19 +111,37 @@ struct Prepared {
 
 fn prepare(spec: &str, mountpoint: &Path, opts: Options) -> Result<Prepared, Failure> {
     opts.check_served().map_err(Failure::Usage)?;
-    let cwd = std::env::current_dir().map_err(|e| Failure::Runtime(format!("cannot read the current directory: {e}")))?;
+    let cwd =
+        std::env::current_dir().map_err(|e| Failure::Runtime(format!("cannot read the current directory: {e}")))?;
     let spec = crate::spec::validate(spec, mountpoint, &opts, &cwd).map_err(Failure::Usage)?;
     if mirrorfs_mounts().iter().any(|m| m.mountpoint == spec.mountpoint) {
-        return Err(Failure::Runtime(format!("{} is already a mirrorfs mount", spec.mountpoint.display())));
+        return Err(Failure::Runtime(format!(
+            "{} is already a mirrorfs mount",
+            spec.mountpoint.display()
+        )));
     }
     let mut vols = [None, None];
     for side in Side::BOTH {
         let path = spec.side(side);
         match Volume::open(side, path) {
             Ok(v) => vols[side.index()] = Some(v),
-            Err(e) if opts.read_only => log::warn!("side={side} path={} unusable, read-only mount goes on without it: {e}", path.display()),
+            Err(e) if opts.read_only => log::warn!(
+                "side={side} path={} unusable, read-only mount goes on without it: {e}",
+                path.display()
+            ),
             Err(e) => return Err(Failure::Runtime(format!("{side} {}: {e}", path.display()))),
         }
+    }
+    let roots = [0, 1].map(|i| vols[i].as_ref().map(|v: &Volume| v.path.as_path()));
+    if let Some((stale, rec)) = meta::stale_side(roots).map_err(Failure::Runtime)? {
+        if !opts.read_only {
+            return Err(Failure::Runtime(format!(
+                "the {stale} is stale: it was taken out of service at {} (op={} {}) and this version cannot resync it; see README \"Recovery\"",
+                rec.since, rec.op, rec.errno
+            )));
+        }
+        log::warn!("side={stale} is stale: the read-only mount goes on without it");
+        vols[stale.index()] = None;
     }
     let roots = [0, 1].map(|i| vols[i].as_ref().map(|v: &Volume| v.path.as_path()));
     let mut locks = Vec::new();
@@ -141,7 +159,12 @@ fn prepare(spec: &str, mountpoint: &Path, opts: Options) -> Result<Prepared, Fai
             }
         }
     }
-    Ok(Prepared { spec, opts, vols, _locks: locks })
+    Ok(Prepared {
+        spec,
+        opts,
+        vols,
+        _locks: locks,
+    })
 }
 
 /// `mirrorfs mount`. Without `foreground`, returns in the parent once the
@@ -228,10 +251,22 @@ fn kernel_mount(spec: &MountSpec, opts: &Options) -> io::Result<OwnedFd> {
     // Commas would split the option string; the source is only a label.
     let source = opts.fsname.clone().unwrap_or_else(|| spec.spec_string());
     let c = |s: &[u8]| CString::new(s).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL));
-    let (src, target, fstype, data) =
-        (c(source.as_bytes())?, c(spec.mountpoint.as_os_str().as_bytes())?, c(b"fuse.mirrorfs")?, c(data.as_bytes())?);
+    let (src, target, fstype, data) = (
+        c(source.as_bytes())?,
+        c(spec.mountpoint.as_os_str().as_bytes())?,
+        c(b"fuse.mirrorfs")?,
+        c(data.as_bytes())?,
+    );
     // SAFETY: all pointers are valid NUL-terminated strings.
-    let r = unsafe { libc::mount(src.as_ptr(), target.as_ptr(), fstype.as_ptr(), flags, data.as_ptr().cast()) };
+    let r = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            flags,
+            data.as_ptr().cast(),
+        )
+    };
     if r != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -239,7 +274,12 @@ fn kernel_mount(spec: &MountSpec, opts: &Options) -> io::Result<OwnedFd> {
 }
 
 fn serve(p: Prepared, ready: &mut Option<File>) -> Result<(), Failure> {
-    let Prepared { spec, opts, vols, _locks } = p;
+    let Prepared {
+        spec,
+        opts,
+        vols,
+        _locks,
+    } = p;
     let rt = |what: &str, e: &dyn std::fmt::Display| Failure::Runtime(format!("{what}: {e}"));
     // Blocked here, before any thread exists, so every thread inherits the
     // mask and only the signal thread's sigwait receives them.
@@ -252,11 +292,34 @@ fn serve(p: Prepared, ready: &mut Option<File>) -> Result<(), Failure> {
     unsafe { libc::umask(0) };
 
     let [pv, mv] = vols;
-    let engine = Arc::new(Engine::new(pv, mv, opts.side_timeout, MIRROR_THREADS).map_err(|e| rt("starting workers", &e))?);
-    let fs = MirrorFs::new(engine.clone(), FsConfig { read_only: opts.read_only, threads: FUSE_THREADS })
-        .map_err(|e| rt("reading the root", &e))?;
+    let mut engine = Engine::new(pv, mv, opts.side_timeout, MIRROR_THREADS).map_err(|e| rt("starting workers", &e))?;
+    // The survivor records the failed side as stale before the failing
+    // operation is answered, so a restart never serves the stale side.
+    let roots = [spec.primary.clone(), spec.mirror.clone()];
+    engine.set_on_down(Box::new(move |side, op, errno| {
+        let survivor = &roots[side.other().index()];
+        if let Err(e) = meta::record_stale(survivor, side, op, &crate::health::errno_name(errno)) {
+            log::error!(
+                "side={side} cannot record the side as stale on {}: {e}",
+                survivor.display()
+            );
+        }
+    }));
+    let engine = Arc::new(engine);
+    let fs = MirrorFs::new(
+        engine.clone(),
+        FsConfig {
+            read_only: opts.read_only,
+            threads: FUSE_THREADS,
+        },
+    )
+    .map_err(|e| rt("reading the root", &e))?;
     let fuse_fd = kernel_mount(&spec, &opts).map_err(|e| rt(&format!("mounting {}", spec.mountpoint.display()), &e))?;
-    let acl = if opts.allow_other { fuser::SessionACL::All } else { fuser::SessionACL::Owner };
+    let acl = if opts.allow_other {
+        fuser::SessionACL::All
+    } else {
+        fuser::SessionACL::Owner
+    };
     let session = match fuser::Session::from_fd(fs, fuse_fd, acl, fuser_config()) {
         Ok(s) => s,
         Err(e) => {
@@ -268,7 +331,12 @@ fn serve(p: Prepared, ready: &mut Option<File>) -> Result<(), Failure> {
     let _ = fs::create_dir_all(RUN_DIR);
     let pid_file = runtime_file(&spec.mountpoint, "pid");
     let _ = fs::write(&pid_file, format!("{}\n", std::process::id()));
-    log::info!("mounted mountpoint={} primary={} mirror={}", spec.mountpoint.display(), spec.primary.display(), spec.mirror.display());
+    log::info!(
+        "mounted mountpoint={} primary={} mirror={}",
+        spec.mountpoint.display(),
+        spec.primary.display(),
+        spec.mirror.display()
+    );
     // Closing the pipe after "ok" lets the parent exit.
     if let Some(mut pipe) = ready.take() {
         let _ = pipe.write_all(b"ok");
@@ -297,7 +365,11 @@ fn serve(p: Prepared, ready: &mut Option<File>) -> Result<(), Failure> {
 
     let r = session.run();
     let _ = fs::remove_file(&pid_file);
-    log::info!("unmounted mountpoint={} divergences={}", spec.mountpoint.display(), engine.divergences());
+    log::info!(
+        "unmounted mountpoint={} divergences={}",
+        spec.mountpoint.display(),
+        engine.divergences()
+    );
     r.map_err(|e| rt("serving", &e))
 }
 
@@ -313,14 +385,22 @@ fn unmount_now(mnt: &Path) -> io::Result<()> {
         return Err(e);
     }
     // SAFETY: valid C string.
-    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// True while `pid` exists and has not exited (a zombie waiting for its
 /// parent to reap it has finished).
 fn process_running(pid: i32) -> bool {
     match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next()) != Some('Z'),
+        Ok(stat) => {
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.trim_start().chars().next())
+                != Some('Z')
+        }
         Err(_) => false,
     }
 }
@@ -333,7 +413,9 @@ pub fn unmount(mountpoint: &Path) -> Result<(), Failure> {
     if !mirrorfs_mounts().iter().any(|m| m.mountpoint == mnt) {
         return Err(Failure::Usage(format!("{} is not a mirrorfs mount", mnt.display())));
     }
-    let pid: Option<i32> = fs::read_to_string(runtime_file(&mnt, "pid")).ok().and_then(|s| s.trim().parse().ok());
+    let pid: Option<i32> = fs::read_to_string(runtime_file(&mnt, "pid"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok());
     let c = CString::new(mnt.as_os_str().as_bytes()).map_err(|_| Failure::Usage("bad path".into()))?;
     // SAFETY: valid C string.
     if unsafe { libc::umount2(c.as_ptr(), 0) } != 0 {
@@ -358,12 +440,21 @@ mod tests {
         let text = "36 35 98:0 / /mnt/a\\040b rw,relatime shared:1 - fuse.mirrorfs /p|/m rw,user_id=0\n\
                     37 35 98:0 / /other rw - ext4 /dev/sda1 rw\n";
         let m = parse_mountinfo(text);
-        assert_eq!(m, vec![MountEntry { mountpoint: PathBuf::from("/mnt/a b"), source: "/p|/m".into() }]);
+        assert_eq!(
+            m,
+            vec![MountEntry {
+                mountpoint: PathBuf::from("/mnt/a b"),
+                source: "/p|/m".into()
+            }]
+        );
     }
 
     #[test]
     fn runtime_files_differ_per_mountpoint() {
-        assert_ne!(runtime_file(Path::new("/a"), "pid"), runtime_file(Path::new("/b"), "pid"));
+        assert_ne!(
+            runtime_file(Path::new("/a"), "pid"),
+            runtime_file(Path::new("/b"), "pid")
+        );
         assert!(runtime_file(Path::new("/a"), "pid").starts_with(RUN_DIR));
     }
 }

@@ -106,7 +106,10 @@ fn set_time(t: Option<TimeOrNow>, now: SystemTime) -> SetTime {
         Some(TimeOrNow::SpecificTime(t)) => t,
     };
     match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => SetTime::At { secs: d.as_secs() as i64, nanos: d.subsec_nanos() as i64 },
+        Ok(d) => SetTime::At {
+            secs: d.as_secs() as i64,
+            nanos: d.subsec_nanos() as i64,
+        },
         Err(e) => {
             let d = e.duration();
             let mut secs = -(d.as_secs() as i64);
@@ -133,7 +136,11 @@ fn backing_flags(flags: i32) -> i32 {
 }
 
 fn key(side: Side, st: &Stat) -> Key {
-    Key { side, dev: st.st_dev, ino: st.st_ino }
+    Key {
+        side,
+        dev: st.st_dev,
+        ino: st.st_ino,
+    }
 }
 
 /// What a setattr or xattr call acts on: an open file, or a path.
@@ -161,7 +168,13 @@ impl MirrorFs {
     pub fn new(engine: Arc<Engine>, config: FsConfig) -> io::Result<MirrorFs> {
         let side = engine.reader();
         let st = engine.volume(side)?.lstat(Path::new(""))?;
-        Ok(MirrorFs { nodes: Nodes::new(key(side, &st)), engine, files: Handles::default(), dirs: Handles::default(), config })
+        Ok(MirrorFs {
+            nodes: Nodes::new(key(side, &st)),
+            engine,
+            files: Handles::default(),
+            dirs: Handles::default(),
+            config,
+        })
     }
 
     fn hidden(parent: u64, name: &OsStr) -> bool {
@@ -169,7 +182,11 @@ impl MirrorFs {
     }
 
     fn writable(&self) -> io::Result<()> {
-        if self.config.read_only { Err(err(libc::EROFS)) } else { Ok(()) }
+        if self.config.read_only {
+            Err(err(libc::EROFS))
+        } else {
+            Ok(())
+        }
     }
 
     /// The path of a new entry `name` under `parent`; the metadata directory
@@ -208,13 +225,17 @@ impl MirrorFs {
 
     fn do_lookup(&self, parent: u64, name: &OsStr) -> io::Result<FileAttr> {
         let path = self.existing_path(parent, name)?;
-        let (side, st) = self.engine.read("lookup", &path, |side, v| v.lstat(&path).map(|st| (side, st)))?;
+        let (side, st) = self
+            .engine
+            .read("lookup", &path, |side, v| v.lstat(&path).map(|st| (side, st)))?;
         Ok(self.entry(parent, name, side, &st))
     }
 
     fn do_getattr(&self, ino: u64, fh: Option<FileHandle>) -> io::Result<FileAttr> {
         let st = match self.target(ino, fh)? {
-            Target::File(f) => self.engine.read("getattr", Path::new(""), |side, _| volume::fstat(f.fd(side)?))?,
+            Target::File(f) => self
+                .engine
+                .read("getattr", Path::new(""), |side, _| volume::fstat(f.fd(side)?))?,
             Target::Path(p) => self.engine.read("getattr", &p, |_, v| v.lstat(&p))?,
         };
         Ok(attr(ino, &st))
@@ -311,7 +332,8 @@ impl MirrorFs {
         let path = self.existing_path(parent, name)?;
         let p = path.clone();
         let op = if dir { "rmdir" } else { "unlink" };
-        self.engine.apply(op, &path, move |_, v| if dir { v.rmdir(&p) } else { v.unlink(&p) })?;
+        self.engine
+            .apply(op, &path, move |_, v| if dir { v.rmdir(&p) } else { v.unlink(&p) })?;
         self.nodes.unlinked(parent, name);
         Ok(())
     }
@@ -324,8 +346,10 @@ impl MirrorFs {
         let from = self.nodes.child_path(parent, name)?;
         let to = self.nodes.child_path(newparent, newname)?;
         let (f, t) = (from.clone(), to.clone());
-        self.engine.apply("rename", &from, move |_, v| v.rename(&f, &t, flags))?;
-        self.nodes.renamed(parent, name, newparent, newname, flags & libc::RENAME_EXCHANGE != 0);
+        self.engine
+            .apply("rename", &from, move |_, v| v.rename(&f, &t, flags))?;
+        self.nodes
+            .renamed(parent, name, newparent, newname, flags & libc::RENAME_EXCHANGE != 0);
         Ok(())
     }
 
@@ -371,9 +395,20 @@ impl MirrorFs {
         Ok(self.files.insert(OpenFile { ino, fds }))
     }
 
-    fn do_create(&self, req: &Request, parent: u64, name: &OsStr, mode: u32, umask: u32, flags: i32) -> io::Result<(FileAttr, u64)> {
+    fn do_create(
+        &self,
+        req: &Request,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+    ) -> io::Result<(FileAttr, u64)> {
         let path = self.new_path(parent, name)?;
-        let owner = Owner { uid: req.uid(), gid: req.gid() };
+        let owner = Owner {
+            uid: req.uid(),
+            gid: req.gid(),
+        };
         let p = path.clone();
         let fl = backing_flags(flags) | (flags & (libc::O_EXCL | libc::O_TRUNC));
         let mode = mode & !umask & 0o7777;
@@ -398,7 +433,9 @@ impl MirrorFs {
             if buf.len() < size {
                 buf.resize(size, 0);
             }
-            let r = self.engine.read("read", Path::new(""), |side, _| volume::pread(file.fd(side)?, &mut buf[..size], offset));
+            let r = self.engine.read("read", Path::new(""), |side, _| {
+                volume::pread(file.fd(side)?, &mut buf[..size], offset)
+            });
             match r {
                 Ok(n) => reply.data(&buf[..n]),
                 Err(e) => reply.error(errno(&e)),
@@ -435,7 +472,10 @@ impl MirrorFs {
 
     fn do_opendir(&self, ino: u64) -> io::Result<u64> {
         self.nodes.path(ino)?;
-        Ok(self.dirs.insert(OpenDir { ino, entries: Mutex::new(Vec::new()) }))
+        Ok(self.dirs.insert(OpenDir {
+            ino,
+            entries: Mutex::new(Vec::new()),
+        }))
     }
 
     /// The listing of an open directory, read afresh at offset 0.
@@ -455,7 +495,10 @@ impl MirrorFs {
     fn do_readdir(&self, fh: u64, offset: u64, reply: &mut ReplyDirectory) -> io::Result<()> {
         let dir = self.dirs.get(fh)?;
         let entries = self.listing(&dir, offset)?;
-        let dots = [(OsStr::new("."), FileType::Directory), (OsStr::new(".."), FileType::Directory)];
+        let dots = [
+            (OsStr::new("."), FileType::Directory),
+            (OsStr::new(".."), FileType::Directory),
+        ];
         let all = dots
             .iter()
             .map(|(n, k)| (dir.ino, *k, *n))
@@ -487,7 +530,10 @@ impl MirrorFs {
             let e = &entries[i - 2];
             let p = volume::child(&dpath, &e.name);
             // An entry removed since the listing was taken is skipped.
-            let Ok((side, st)) = self.engine.read("readdirplus", &p, |side, v| v.lstat(&p).map(|st| (side, st))) else {
+            let Ok((side, st)) = self
+                .engine
+                .read("readdirplus", &p, |side, v| v.lstat(&p).map(|st| (side, st)))
+            else {
                 continue;
             };
             let a = self.entry(dir.ino, &e.name, side, &st);
@@ -507,12 +553,13 @@ impl MirrorFs {
         // Writes fail when either side fills up, so report the smaller free space.
         let other = r.other();
         if self.engine.health.is_up(other)
-            && let Ok(o) = self.engine.volume(other).and_then(|v| v.statvfs()) {
-                let scale = |x: u64| x.saturating_mul(o.f_frsize) / st.f_frsize.max(1);
-                bfree = bfree.min(scale(o.f_bfree));
-                bavail = bavail.min(scale(o.f_bavail));
-                ffree = ffree.min(o.f_ffree);
-            }
+            && let Ok(o) = self.engine.volume(other).and_then(|v| v.statvfs())
+        {
+            let scale = |x: u64| x.saturating_mul(o.f_frsize) / st.f_frsize.max(1);
+            bfree = bfree.min(scale(o.f_bfree));
+            bavail = bavail.min(scale(o.f_bavail));
+            ffree = ffree.min(o.f_ffree);
+        }
         Ok((st, bfree, bavail, ffree))
     }
 
@@ -608,15 +655,29 @@ impl Filesystem for MirrorFs {
     }
 
     fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
-        let owner = Owner { uid: req.uid(), gid: req.gid() };
+        let owner = Owner {
+            uid: req.uid(),
+            gid: req.gid(),
+        };
         let mode = (mode & libc::S_IFMT) | (mode & !umask & 0o7777);
-        reply_entry(reply, self.make("mknod", parent.0, name, move |v, p| v.mknod(p, mode, rdev as u64, owner)));
+        reply_entry(
+            reply,
+            self.make("mknod", parent.0, name, move |v, p| {
+                v.mknod(p, mode, rdev as u64, owner)
+            }),
+        );
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
-        let owner = Owner { uid: req.uid(), gid: req.gid() };
+        let owner = Owner {
+            uid: req.uid(),
+            gid: req.gid(),
+        };
         let mode = mode & !umask & 0o7777;
-        reply_entry(reply, self.make("mkdir", parent.0, name, move |v, p| v.mkdir(p, mode, owner)));
+        reply_entry(
+            reply,
+            self.make("mkdir", parent.0, name, move |v, p| v.mkdir(p, mode, owner)),
+        );
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -628,9 +689,15 @@ impl Filesystem for MirrorFs {
     }
 
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
-        let owner = Owner { uid: req.uid(), gid: req.gid() };
+        let owner = Owner {
+            uid: req.uid(),
+            gid: req.gid(),
+        };
         let target = target.as_os_str().to_os_string();
-        reply_entry(reply, self.make("symlink", parent.0, link_name, move |v, p| v.symlink(&target, p, owner)));
+        reply_entry(
+            reply,
+            self.make("symlink", parent.0, link_name, move |v, p| v.symlink(&target, p, owner)),
+        );
     }
 
     fn rename(
@@ -643,11 +710,17 @@ impl Filesystem for MirrorFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        reply_empty(reply, self.do_rename(parent.0, name, newparent.0, newname, flags.bits()));
+        reply_empty(
+            reply,
+            self.do_rename(parent.0, name, newparent.0, newname, flags.bits()),
+        );
     }
 
     fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
-        reply_entry(reply, self.writable().and_then(|_| self.do_link(ino.0, newparent.0, newname)));
+        reply_entry(
+            reply,
+            self.writable().and_then(|_| self.do_link(ino.0, newparent.0, newname)),
+        );
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -690,7 +763,10 @@ impl Filesystem for MirrorFs {
     }
 
     fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
-        reply_empty(reply, self.on_handle("flush", fh.0, |f, side| volume::flush(f.fd(side)?)));
+        reply_empty(
+            reply,
+            self.on_handle("flush", fh.0, |f, side| volume::flush(f.fd(side)?)),
+        );
     }
 
     fn release(
@@ -708,7 +784,10 @@ impl Filesystem for MirrorFs {
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
-        reply_empty(reply, self.on_handle("fsync", fh.0, move |f, side| volume::fsync(f.fd(side)?, datasync)));
+        reply_empty(
+            reply,
+            self.on_handle("fsync", fh.0, move |f, side| volume::fsync(f.fd(side)?, datasync)),
+        );
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -740,7 +819,8 @@ impl Filesystem for MirrorFs {
     fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
         let r = self.nodes.path(ino.0).and_then(|p| {
             let q = p.clone();
-            self.engine.apply("fsyncdir", &p, move |_, v| v.fsync_path(&q, datasync))
+            self.engine
+                .apply("fsyncdir", &p, move |_, v| v.fsync_path(&q, datasync))
         });
         reply_empty(reply, r);
     }
@@ -761,28 +841,44 @@ impl Filesystem for MirrorFs {
         }
     }
 
-    fn setxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, value: &[u8], flags: i32, _position: u32, reply: ReplyEmpty) {
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
         let r = self.writable().and_then(|_| self.xattr_target(ino.0)).and_then(|p| {
             let (q, name, value) = (p.clone(), name.to_os_string(), value.to_vec());
-            self.engine.apply("setxattr", &p, move |_, v| v.setxattr(&q, &name, &value, flags))
+            self.engine
+                .apply("setxattr", &p, move |_, v| v.setxattr(&q, &name, &value, flags))
         });
         reply_empty(reply, r);
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let r = self.xattr_target(ino.0).and_then(|p| self.engine.read("getxattr", &p, |_, v| v.getxattr(&p, name, size as usize)));
+        let r = self.xattr_target(ino.0).and_then(|p| {
+            self.engine
+                .read("getxattr", &p, |_, v| v.getxattr(&p, name, size as usize))
+        });
         reply_xattr(reply, size, r);
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let r = self.xattr_target(ino.0).and_then(|p| self.engine.read("listxattr", &p, |_, v| v.listxattr(&p, size as usize)));
+        let r = self
+            .xattr_target(ino.0)
+            .and_then(|p| self.engine.read("listxattr", &p, |_, v| v.listxattr(&p, size as usize)));
         reply_xattr(reply, size, r);
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let r = self.writable().and_then(|_| self.xattr_target(ino.0)).and_then(|p| {
             let (q, name) = (p.clone(), name.to_os_string());
-            self.engine.apply("removexattr", &p, move |_, v| v.removexattr(&q, &name))
+            self.engine
+                .apply("removexattr", &p, move |_, v| v.removexattr(&q, &name))
         });
         reply_empty(reply, r);
     }
@@ -793,22 +889,46 @@ impl Filesystem for MirrorFs {
         reply_empty(reply, self.do_getattr(ino.0, None).map(drop));
     }
 
-    fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, flags: i32, reply: ReplyCreate) {
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
         match self.do_create(req, parent.0, name, mode, umask, flags) {
             Ok((a, fh)) => reply.created(&TTL, &a, Generation(0), FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
             Err(e) => reply.error(errno(&e)),
         }
     }
 
-    fn fallocate(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, length: u64, mode: i32, reply: ReplyEmpty) {
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
         let r = self.writable().and_then(|_| {
-            self.on_handle("fallocate", fh.0, move |f, side| volume::fallocate(f.fd(side)?, mode, offset, length))
+            self.on_handle("fallocate", fh.0, move |f, side| {
+                volume::fallocate(f.fd(side)?, mode, offset, length)
+            })
         });
         reply_empty(reply, r);
     }
 
     fn lseek(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
-        let r = self.files.get(fh.0).and_then(|f| self.engine.read("lseek", Path::new(""), |side, _| volume::lseek(f.fd(side)?, offset, whence)));
+        let r = self.files.get(fh.0).and_then(|f| {
+            self.engine.read("lseek", Path::new(""), |side, _| {
+                volume::lseek(f.fd(side)?, offset, whence)
+            })
+        });
         match r {
             Ok(o) => reply.offset(o),
             Err(e) => reply.error(errno(&e)),

@@ -51,7 +51,11 @@ pub fn is_side_failure(errno: i32) -> bool {
 /// The symbolic name of an errno, for logs and events.
 pub fn errno_name(errno: i32) -> String {
     let e = nix::errno::Errno::from_raw(errno);
-    if e == nix::errno::Errno::UnknownErrno { format!("E{errno}") } else { format!("{e:?}") }
+    if e == nix::errno::Errno::UnknownErrno {
+        format!("E{errno}")
+    } else {
+        format!("{e:?}")
+    }
 }
 
 /// The state of both sides.
@@ -63,7 +67,10 @@ pub struct Health {
 
 impl Default for Health {
     fn default() -> Self {
-        Health { states: [AtomicU8::new(0), AtomicU8::new(0)], down: Mutex::new([None, None]) }
+        Health {
+            states: [AtomicU8::new(0), AtomicU8::new(0)],
+            down: Mutex::new([None, None]),
+        }
     }
 }
 
@@ -90,7 +97,11 @@ impl Health {
             return false;
         }
         self.states[side.index()].store(1, Ordering::Release);
-        down[side.index()] = Some(DownInfo { since: SystemTime::now(), op: op.to_string(), errno });
+        down[side.index()] = Some(DownInfo {
+            since: SystemTime::now(),
+            op: op.to_string(),
+            errno,
+        });
         log::warn!("side={side} state=DOWN op={op} errno={}", errno_name(errno));
         true
     }
@@ -102,10 +113,26 @@ mod tests {
 
     #[test]
     fn classifies_side_failures() {
-        for e in [libc::EIO, libc::EROFS, libc::ENOSPC, libc::EDQUOT, libc::ENOTCONN, libc::ESTALE, libc::ENODEV, libc::ENXIO] {
+        for e in [
+            libc::EIO,
+            libc::EROFS,
+            libc::ENOSPC,
+            libc::EDQUOT,
+            libc::ENOTCONN,
+            libc::ESTALE,
+            libc::ENODEV,
+            libc::ENXIO,
+        ] {
             assert!(is_side_failure(e), "{}", errno_name(e));
         }
-        for e in [libc::ENOENT, libc::EEXIST, libc::ENOTEMPTY, libc::EACCES, libc::EPERM, libc::EINVAL] {
+        for e in [
+            libc::ENOENT,
+            libc::EEXIST,
+            libc::ENOTEMPTY,
+            libc::EACCES,
+            libc::EPERM,
+            libc::EINVAL,
+        ] {
             assert!(!is_side_failure(e), "{}", errno_name(e));
         }
     }

@@ -21,8 +21,15 @@ use clap::Parser;
 
 /// Runs the command line and returns the process exit code.
 pub fn run(args: Vec<String>) -> ExitCode {
-    let prog = args.first().map(|a| a.rsplit('/').next().unwrap_or(a).to_string()).unwrap_or_default();
-    let args = if prog.starts_with("mount.") { cli::from_mount_helper(&args) } else { args };
+    let prog = args
+        .first()
+        .map(|a| a.rsplit('/').next().unwrap_or(a).to_string())
+        .unwrap_or_default();
+    let args = if prog.starts_with("mount.") {
+        cli::from_mount_helper(&args)
+    } else {
+        args
+    };
     let cli = match cli::Cli::try_parse_from(&args) {
         Ok(c) => c,
         Err(e) => {
@@ -31,7 +38,12 @@ pub fn run(args: Vec<String>) -> ExitCode {
         }
     };
     let r = match cli.command {
-        cli::Command::Mount { foreground, options, spec, mountpoint } => match spec::Options::parse(&options) {
+        cli::Command::Mount {
+            foreground,
+            options,
+            spec,
+            mountpoint,
+        } => match spec::Options::parse(&options) {
             Ok(opts) => daemon::mount(&spec, &mountpoint, opts, foreground),
             Err(e) => Err(daemon::Failure::Usage(e)),
         },

@@ -54,7 +54,9 @@ pub fn read_identity(side_root: &Path) -> io::Result<Option<Identity>> {
 
 /// Writes a file durably: temp file, fsync, rename, fsync of the directory.
 pub fn write_durably(path: &Path, data: &[u8]) -> io::Result<()> {
-    let dir = path.parent().ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let dir = path
+        .parent()
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
     let tmp = path.with_extension("tmp");
     {
         let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
@@ -75,12 +77,13 @@ pub fn ensure_identities(roots: [Option<&Path>; 2]) -> Result<[Option<Identity>;
         }
     }
     if let (Some(p), Some(m)) = (&ids[0], &ids[1])
-        && p.pair_id != m.pair_id {
-            return Err(format!(
-                "primary and mirror belong to different pairs ({} and {}): refusing to mount them together",
-                p.pair_id, m.pair_id
-            ));
-        }
+        && p.pair_id != m.pair_id
+    {
+        return Err(format!(
+            "primary and mirror belong to different pairs ({} and {}): refusing to mount them together",
+            p.pair_id, m.pair_id
+        ));
+    }
     let pair_id = match ids.iter().flatten().next() {
         Some(id) => id.pair_id.clone(),
         None => random_id().map_err(|e| format!("cannot make a pair id: {e}"))?,
@@ -94,7 +97,10 @@ pub fn ensure_identities(roots: [Option<&Path>; 2]) -> Result<[Option<Identity>;
             pair_id: pair_id.clone(),
             side_id: random_id().map_err(|e| format!("cannot make a side id: {e}"))?,
             role: side.name().to_string(),
-            created: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+            created: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
         };
         let dir = meta_dir(root);
         let write = || -> io::Result<()> {
@@ -107,6 +113,61 @@ pub fn ensure_identities(roots: [Option<&Path>; 2]) -> Result<[Option<Identity>;
         ids[side.index()] = Some(id);
     }
     Ok(ids)
+}
+
+pub const STATE: &str = "state.json";
+
+/// What a side records about its peer: the peer was taken out of service
+/// and has missed changes since `since`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerStale {
+    pub stale: String,
+    pub since: u64,
+    pub op: String,
+    pub errno: String,
+}
+
+/// Records durably, on the surviving side, that `stale` missed changes.
+pub fn record_stale(survivor_root: &Path, stale: Side, op: &str, errno: &str) -> io::Result<()> {
+    let rec = PeerStale {
+        stale: stale.name().to_string(),
+        since: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        op: op.to_string(),
+        errno: errno.to_string(),
+    };
+    let json = serde_json::to_vec_pretty(&rec).map_err(io::Error::other)?;
+    write_durably(&meta_dir(survivor_root).join(STATE), &json)
+}
+
+pub fn read_stale(side_root: &Path) -> io::Result<Option<PeerStale>> {
+    match fs::read(meta_dir(side_root).join(STATE)) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{META_DIR}/{STATE}: {e}"))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The side that must not be served because its peer recorded it stale.
+/// Both sides recording each other stale is a split: refused.
+pub fn stale_side(roots: [Option<&Path>; 2]) -> Result<Option<(Side, PeerStale)>, String> {
+    let mut found = Vec::new();
+    for side in Side::BOTH {
+        let Some(root) = roots[side.index()] else { continue };
+        if let Some(rec) = read_stale(root).map_err(|e| format!("{side} {}: {e}", root.display()))? {
+            let stale: Side = rec.stale.parse()?;
+            found.push((stale, rec));
+        }
+    }
+    match found.len() {
+        0 => Ok(None),
+        1 => Ok(found.pop()),
+        _ => Err("both sides record the other as stale (split brain): resolve by hand, see README \"Recovery\"".into()),
+    }
 }
 
 /// An exclusive lock on a side, held for the daemon's life.
@@ -125,7 +186,10 @@ pub fn lock_side(side: Side, root: &Path) -> Result<SideLock, String> {
         .map_err(|e| format!("{side} {}: cannot open {}: {e}", root.display(), path.display()))?;
     // SAFETY: valid fd.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Err(format!("{side} {} is already in use by another mirrorfs mount", root.display()));
+        return Err(format!(
+            "{side} {} is already in use by another mirrorfs mount",
+            root.display()
+        ));
     }
     Ok(SideLock { _file: file })
 }
@@ -160,6 +224,25 @@ mod tests {
         ensure_identities([Some(&c), None]).unwrap();
         let err = ensure_identities([Some(&a), Some(&c)]).unwrap_err();
         assert!(err.contains("different pairs"), "{err}");
+    }
+
+    #[test]
+    fn records_and_reads_a_stale_peer() {
+        let t = tempfile::tempdir().unwrap();
+        let (a, b) = (t.path().join("a"), t.path().join("b"));
+        for d in [&a, &b] {
+            fs::create_dir_all(d).unwrap();
+        }
+        ensure_identities([Some(&a), Some(&b)]).unwrap();
+        assert_eq!(stale_side([Some(&a), Some(&b)]).unwrap(), None);
+        record_stale(&a, Side::Mirror, "write", "EIO").unwrap();
+        let (side, rec) = stale_side([Some(&a), Some(&b)]).unwrap().unwrap();
+        assert_eq!(
+            (side, rec.op.as_str(), rec.errno.as_str()),
+            (Side::Mirror, "write", "EIO")
+        );
+        record_stale(&b, Side::Primary, "write", "EIO").unwrap();
+        assert!(stale_side([Some(&a), Some(&b)]).unwrap_err().contains("split"));
     }
 
     #[test]

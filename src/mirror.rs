@@ -64,7 +64,11 @@ pub struct Decision {
 }
 
 const fn decide(answer: Answer, mark_down: Option<Side>, diverged: bool) -> Decision {
-    Decision { answer, mark_down, diverged }
+    Decision {
+        answer,
+        mark_down,
+        diverged,
+    }
 }
 
 /// Decides what the caller sees from the two sides' results. "Failure" is a
@@ -146,8 +150,13 @@ impl Pool {
     }
 }
 
+/// Called once when a side is taken out of service, before the operation
+/// that failed on it is answered.
+pub type OnDown = Box<dyn Fn(Side, &str, i32) + Send + Sync>;
+
 /// The engine. One per mount.
 pub struct Engine {
+    on_down: Option<OnDown>,
     vols: [Option<Arc<Volume>>; 2],
     pub health: Health,
     pool: Pool,
@@ -157,7 +166,12 @@ pub struct Engine {
 
 impl Engine {
     /// A missing side (`None`, allowed for read-only mounts) starts down.
-    pub fn new(primary: Option<Volume>, mirror: Option<Volume>, side_timeout: Duration, threads: usize) -> io::Result<Engine> {
+    pub fn new(
+        primary: Option<Volume>,
+        mirror: Option<Volume>,
+        side_timeout: Duration,
+        threads: usize,
+    ) -> io::Result<Engine> {
         let health = Health::default();
         for (side, v) in [(Side::Primary, &primary), (Side::Mirror, &mirror)] {
             if v.is_none() {
@@ -165,6 +179,7 @@ impl Engine {
             }
         }
         Ok(Engine {
+            on_down: None,
             vols: [primary.map(Arc::new), mirror.map(Arc::new)],
             health,
             pool: Pool::new(threads)?,
@@ -173,8 +188,28 @@ impl Engine {
         })
     }
 
+    /// Sets what is done when a side goes down (the daemon records it durably).
+    pub fn set_on_down(&mut self, f: OnDown) {
+        self.on_down = Some(f);
+    }
+
+    fn side_failed(&self, side: Side, op: &str, errno: i32, path: &Path) {
+        if self.health.mark_down(side, op, errno) {
+            log::warn!(
+                "side={side} op={op} path={} errno={} carrying on with the other side",
+                path.display(),
+                errno_name(errno)
+            );
+            if let Some(f) = &self.on_down {
+                f(side, op, errno);
+            }
+        }
+    }
+
     pub fn volume(&self, side: Side) -> io::Result<&Volume> {
-        self.vols[side.index()].as_deref().ok_or_else(|| io::Error::from_raw_os_error(libc::EIO))
+        self.vols[side.index()]
+            .as_deref()
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EIO))
     }
 
     pub fn divergences(&self) -> u64 {
@@ -183,7 +218,11 @@ impl Engine {
 
     /// The side that answers reads: the primary while it is up.
     pub fn reader(&self) -> Side {
-        if self.health.is_up(Side::Primary) { Side::Primary } else { Side::Mirror }
+        if self.health.is_up(Side::Primary) {
+            Side::Primary
+        } else {
+            Side::Mirror
+        }
     }
 
     /// Runs a read on the reading side. A side failure on the primary is
@@ -194,10 +233,7 @@ impl Engine {
         let r = f(side, self.volume(side)?);
         match &r {
             Err(e) if side == Side::Primary && is_side_failure(e.raw_os_error().unwrap_or(0)) => {
-                let errno = e.raw_os_error().unwrap_or(libc::EIO);
-                if self.health.mark_down(Side::Primary, op, errno) {
-                    log::warn!("side=primary op={op} path={} errno={} read retried on mirror", path.display(), errno_name(errno));
-                }
+                self.side_failed(Side::Primary, op, e.raw_os_error().unwrap_or(libc::EIO), path);
                 if self.health.is_up(Side::Mirror) && !self.health.is_up(Side::Primary) {
                     return f(Side::Mirror, self.volume(Side::Mirror)?);
                 }
@@ -217,10 +253,14 @@ impl Engine {
         let pvol = self.vols[0].as_deref().filter(|_| self.health.is_up(Side::Primary));
         let mvol = self.vols[1].clone().filter(|_| self.health.is_up(Side::Mirror));
         let Some(mvol) = mvol else {
-            return Pair { results: [pvol.map(pf), None] };
+            return Pair {
+                results: [pvol.map(pf), None],
+            };
         };
         let Some(pvol) = pvol else {
-            return Pair { results: [None, Some(mf(&mvol))] };
+            return Pair {
+                results: [None, Some(mf(&mvol))],
+            };
         };
         let (tx, rx) = crossbeam_channel::bounded(1);
         let job: Job = Box::new(move || {
@@ -237,11 +277,16 @@ impl Engine {
                 Err(RecvTimeoutError::Disconnected) => Err(io::Error::from_raw_os_error(libc::EIO)),
             }
         };
-        Pair { results: [Some(p), Some(m)] }
+        Pair {
+            results: [Some(p), Some(m)],
+        }
     }
 
     /// `change2` with one closure for both sides; it is told which side it runs on.
-    pub fn change<T: Send + 'static>(&self, f: impl Fn(Side, &Volume) -> io::Result<T> + Send + Sync + 'static) -> Pair<T> {
+    pub fn change<T: Send + 'static>(
+        &self,
+        f: impl Fn(Side, &Volume) -> io::Result<T> + Send + Sync + 'static,
+    ) -> Pair<T> {
         let f = Arc::new(f);
         let g = f.clone();
         self.change2(move |v| f(Side::Primary, v), move |v| g(Side::Mirror, v))
@@ -258,9 +303,7 @@ impl Engine {
                 SideResult::Err(e) => e,
                 _ => libc::EIO,
             };
-            if self.health.mark_down(side, op, errno) {
-                log::warn!("side={side} op={op} path={} errno={} carrying on with the other side", path.display(), errno_name(errno));
-            }
+            self.side_failed(side, op, errno, path);
         }
         if d.diverged {
             self.divergences.fetch_add(1, Ordering::Relaxed);
@@ -273,10 +316,16 @@ impl Engine {
     }
 
     /// `change` then `settle`, returning the answering side's value.
-    pub fn apply<T: Send + 'static>(&self, op: &str, path: &Path, f: impl Fn(Side, &Volume) -> io::Result<T> + Send + Sync + 'static) -> io::Result<T> {
+    pub fn apply<T: Send + 'static>(
+        &self,
+        op: &str,
+        path: &Path,
+        f: impl Fn(Side, &Volume) -> io::Result<T> + Send + Sync + 'static,
+    ) -> io::Result<T> {
         let mut pair = self.change(f);
         let side = self.settle(op, path, &pair)?;
-        pair.take_ok(side).ok_or_else(|| io::Error::from_raw_os_error(libc::EIO))
+        pair.take_ok(side)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EIO))
     }
 }
 
@@ -314,11 +363,17 @@ mod tests {
     }
     #[test]
     fn mirror_failure_takes_mirror_down() {
-        assert_eq!(resolve(Ok, Err(EIO)), decide(From(Side::Primary), Some(Side::Mirror), false));
+        assert_eq!(
+            resolve(Ok, Err(EIO)),
+            decide(From(Side::Primary), Some(Side::Mirror), false)
+        );
     }
     #[test]
     fn primary_failure_takes_primary_down() {
-        assert_eq!(resolve(Err(ENOSPC), Ok), decide(From(Side::Mirror), Some(Side::Primary), false));
+        assert_eq!(
+            resolve(Err(ENOSPC), Ok),
+            decide(From(Side::Mirror), Some(Side::Primary), false)
+        );
     }
     #[test]
     fn mirror_ordinary_error_diverges() {
@@ -334,11 +389,17 @@ mod tests {
     }
     #[test]
     fn primary_failure_mirror_ordinary_answers_mirror() {
-        assert_eq!(resolve(Err(EIO), Err(ENOENT)), decide(Errno(ENOENT), Some(Side::Primary), false));
+        assert_eq!(
+            resolve(Err(EIO), Err(ENOENT)),
+            decide(Errno(ENOENT), Some(Side::Primary), false)
+        );
     }
     #[test]
     fn primary_ordinary_mirror_failure_answers_primary() {
-        assert_eq!(resolve(Err(ENOENT), Err(EIO)), decide(Errno(ENOENT), Some(Side::Mirror), false));
+        assert_eq!(
+            resolve(Err(ENOENT), Err(EIO)),
+            decide(Errno(ENOENT), Some(Side::Mirror), false)
+        );
     }
     #[test]
     fn different_ordinary_errors_diverge() {

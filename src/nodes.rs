@@ -60,10 +60,25 @@ fn enoent() -> io::Error {
 impl Nodes {
     pub fn new(root_key: Key) -> Nodes {
         let mut nodes = HashMap::new();
-        nodes.insert(ROOT, Node { names: Vec::new(), lookups: 1, children: 0, key: root_key });
+        nodes.insert(
+            ROOT,
+            Node {
+                names: Vec::new(),
+                lookups: 1,
+                children: 0,
+                key: root_key,
+            },
+        );
         let mut by_key = HashMap::new();
         by_key.insert(root_key, ROOT);
-        Nodes { inner: Mutex::new(Inner { nodes, by_key, by_name: HashMap::new(), next: ROOT + 1 }) }
+        Nodes {
+            inner: Mutex::new(Inner {
+                nodes,
+                by_key,
+                by_name: HashMap::new(),
+                next: ROOT + 1,
+            }),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -91,15 +106,24 @@ impl Nodes {
         // A different object that had this name before (renamed or replaced
         // behind our back) loses the name.
         if let Some(&old) = inner.by_name.get(&name_key)
-            && inner.nodes.get(&old).is_some_and(|n| n.key != key) {
-                inner.drop_name(old, parent, name);
-            }
+            && inner.nodes.get(&old).is_some_and(|n| n.key != key)
+        {
+            inner.drop_name(old, parent, name);
+        }
         let ino = match inner.by_key.get(&key) {
             Some(&ino) => ino,
             None => {
                 let ino = inner.next;
                 inner.next += 1;
-                inner.nodes.insert(ino, Node { names: Vec::new(), lookups: 0, children: 0, key });
+                inner.nodes.insert(
+                    ino,
+                    Node {
+                        names: Vec::new(),
+                        lookups: 0,
+                        children: 0,
+                        key,
+                    },
+                );
                 inner.by_key.insert(key, ino);
                 ino
             }
@@ -254,7 +278,10 @@ pub struct OpenFile {
 impl OpenFile {
     pub fn fd(&self, side: Side) -> io::Result<std::os::fd::BorrowedFd<'_>> {
         use std::os::fd::AsFd;
-        self.fds[side.index()].as_ref().map(|f| f.as_fd()).ok_or_else(|| io::Error::from_raw_os_error(libc::EIO))
+        self.fds[side.index()]
+            .as_ref()
+            .map(|f| f.as_fd())
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EIO))
     }
 }
 
@@ -275,14 +302,20 @@ pub struct Handles<T> {
 
 impl<T> Default for Handles<T> {
     fn default() -> Self {
-        Handles { map: Mutex::new(HashMap::new()), next: AtomicU64::new(1) }
+        Handles {
+            map: Mutex::new(HashMap::new()),
+            next: AtomicU64::new(1),
+        }
     }
 }
 
 impl<T> Handles<T> {
     pub fn insert(&self, v: T) -> u64 {
         let fh = self.next.fetch_add(1, Ordering::Relaxed);
-        self.map.lock().unwrap_or_else(|e| e.into_inner()).insert(fh, Arc::new(v));
+        self.map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(fh, Arc::new(v));
         fh
     }
 
@@ -301,7 +334,12 @@ impl<T> Handles<T> {
 
     /// Any handle matching `pred` (used to stat an unlinked open file).
     pub fn find(&self, pred: impl Fn(&T) -> bool) -> Option<Arc<T>> {
-        self.map.lock().unwrap_or_else(|e| e.into_inner()).values().find(|v| pred(v)).cloned()
+        self.map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .find(|v| pred(v))
+            .cloned()
     }
 }
 
@@ -310,7 +348,11 @@ mod tests {
     use super::*;
 
     fn key(ino: u64) -> Key {
-        Key { side: Side::Primary, dev: 1, ino }
+        Key {
+            side: Side::Primary,
+            dev: 1,
+            ino,
+        }
     }
 
     #[test]

@@ -110,8 +110,25 @@ impl Default for Options {
 
 /// Options that mount(8) and fstab pass along and that change nothing here.
 const IGNORED_OPTIONS: &[&str] = &[
-    "rw", "defaults", "auto", "noauto", "nofail", "_netdev", "user", "users", "nouser", "dev",
-    "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime", "relatime", "default_permissions",
+    "rw",
+    "defaults",
+    "auto",
+    "noauto",
+    "nofail",
+    "_netdev",
+    "user",
+    "users",
+    "nouser",
+    "dev",
+    "nodev",
+    "suid",
+    "nosuid",
+    "exec",
+    "noexec",
+    "atime",
+    "noatime",
+    "relatime",
+    "default_permissions",
 ];
 
 /// Options that are parsed and documented but whose behaviour is not built
@@ -196,7 +213,10 @@ impl Options {
             ("mirrors", self.mirrors_off),
             ("noautoresync", self.noautoresync),
             ("hook", self.hook.is_some()),
-            ("probe_interval", self.probe_interval != Options::default().probe_interval),
+            (
+                "probe_interval",
+                self.probe_interval != Options::default().probe_interval,
+            ),
             ("side_timeout", self.side_timeout != Options::default().side_timeout),
         ];
         for (name, on) in used {
@@ -244,7 +264,9 @@ pub fn split_spec(spec: &str) -> Result<(PathBuf, PathBuf), String> {
             }
             Ok((PathBuf::from(p), PathBuf::from(m)))
         }
-        _ => Err(format!("spec '{spec}' has more than one '|': expected 'PRIMARY|MIRROR'")),
+        _ => Err(format!(
+            "spec '{spec}' has more than one '|': expected 'PRIMARY|MIRROR'"
+        )),
     }
 }
 
@@ -317,18 +339,28 @@ pub fn validate(spec: &str, mountpoint: &Path, opts: &Options, cwd: &Path) -> Re
         return Err("both sides are missing".into());
     }
     if let (Some(a), Some(b)) = (&pmd, &mmd)
-        && a.dev() == b.dev() && a.ino() == b.ino() {
-            return Err(format!(
-                "primary {} and mirror {} are the same directory",
-                primary.display(),
-                mirror.display()
-            ));
-        }
+        && a.dev() == b.dev()
+        && a.ino() == b.ino()
+    {
+        return Err(format!(
+            "primary {} and mirror {} are the same directory",
+            primary.display(),
+            mirror.display()
+        ));
+    }
     if is_within(&mirror, &primary) {
-        return Err(format!("mirror {} is inside primary {}", mirror.display(), primary.display()));
+        return Err(format!(
+            "mirror {} is inside primary {}",
+            mirror.display(),
+            primary.display()
+        ));
     }
     if is_within(&primary, &mirror) {
-        return Err(format!("primary {} is inside mirror {}", primary.display(), mirror.display()));
+        return Err(format!(
+            "primary {} is inside mirror {}",
+            primary.display(),
+            mirror.display()
+        ));
     }
     match fs::metadata(&mnt) {
         Ok(md) if md.is_dir() => {}
@@ -342,13 +374,25 @@ pub fn validate(spec: &str, mountpoint: &Path, opts: &Options, cwd: &Path) -> Re
     }
     for (side_path, side) in [(&primary, Side::Primary), (&mirror, Side::Mirror)] {
         if mnt == *side_path || is_within(&mnt, side_path) {
-            return Err(format!("mountpoint {} is inside the {side} {}", mnt.display(), side_path.display()));
+            return Err(format!(
+                "mountpoint {} is inside the {side} {}",
+                mnt.display(),
+                side_path.display()
+            ));
         }
         if is_within(side_path, &mnt) {
-            return Err(format!("the {side} {} is inside mountpoint {}", side_path.display(), mnt.display()));
+            return Err(format!(
+                "the {side} {} is inside mountpoint {}",
+                side_path.display(),
+                mnt.display()
+            ));
         }
     }
-    Ok(MountSpec { primary, mirror, mountpoint: mnt })
+    Ok(MountSpec {
+        primary,
+        mirror,
+        mountpoint: mnt,
+    })
 }
 
 #[cfg(test)]
@@ -436,7 +480,10 @@ mod tests {
         let t = tmp();
         dirs(t.path(), &["a/m", "b"]);
         let err = check(t.path(), "a|b", "a/m").unwrap_err();
-        assert!(err.contains("mountpoint") && err.contains("inside the primary"), "{err}");
+        assert!(
+            err.contains("mountpoint") && err.contains("inside the primary"),
+            "{err}"
+        );
         let err = check(t.path(), "a|b", "b").unwrap_err();
         assert!(err.contains("inside the mirror"), "{err}");
     }
@@ -526,11 +573,19 @@ mod tests {
     fn refuses_options_not_served_yet() {
         let o = Options::parse(&["noswitch"]).unwrap();
         assert!(o.check_served().unwrap_err().contains("noswitch"));
-        assert!(Options::parse(&["ro,create,allow_other"]).unwrap().check_served().is_ok());
+        assert!(
+            Options::parse(&["ro,create,allow_other"])
+                .unwrap()
+                .check_served()
+                .is_ok()
+        );
     }
 
     #[test]
     fn absolutize_is_lexical() {
-        assert_eq!(absolutize(Path::new("../x/./y"), Path::new("/a/b")), PathBuf::from("/a/x/y"));
+        assert_eq!(
+            absolutize(Path::new("../x/./y"), Path::new("/a/b")),
+            PathBuf::from("/a/x/y")
+        );
     }
 }

@@ -76,7 +76,11 @@ pub fn xattrs(path: &Path) -> io::Result<BTreeMap<Vec<u8>, Vec<u8>>> {
     let n = unsafe { libc::llistxattr(c.as_ptr(), std::ptr::null_mut(), 0) };
     if n < 0 {
         let e = io::Error::last_os_error();
-        return if e.raw_os_error() == Some(libc::ENOTSUP) { Ok(out) } else { Err(e) };
+        return if e.raw_os_error() == Some(libc::ENOTSUP) {
+            Ok(out)
+        } else {
+            Err(e)
+        };
     }
     let mut names = vec![0u8; n as usize];
     // SAFETY: names is valid for its length.
@@ -122,19 +126,35 @@ pub fn hash_file(path: &Path) -> io::Result<u64> {
 pub fn scan(root: &Path) -> io::Result<BTreeMap<PathBuf, Entry>> {
     let mut out = BTreeMap::new();
     let mut inodes: HashMap<(u64, u64), PathBuf> = HashMap::new();
-    let walk = WalkDir::new(root).follow_links(false).sort_by_file_name().min_depth(1).into_iter().filter_entry(|e| {
-        !(e.depth() == 1 && e.file_name().as_bytes() == META_DIR.as_bytes())
-    });
+    let walk = WalkDir::new(root)
+        .follow_links(false)
+        .sort_by_file_name()
+        .min_depth(1)
+        .into_iter()
+        .filter_entry(|e| !(e.depth() == 1 && e.file_name().as_bytes() == META_DIR.as_bytes()));
     for ent in walk {
         let ent = ent.map_err(|e| e.into_io_error().unwrap_or_else(|| io::Error::other("walk failed")))?;
         let rel = ent.path().strip_prefix(root).map_err(io::Error::other)?.to_path_buf();
         let md = ent.path().symlink_metadata()?;
         let ft = md.file_type();
         let kind = kind_of(&ft);
-        let link_target = if ft.is_symlink() { Some(std::fs::read_link(ent.path())?.as_os_str().as_bytes().to_vec()) } else { None };
-        let hash = if ft.is_file() { Some(hash_file(ent.path())?) } else { None };
+        let link_target = if ft.is_symlink() {
+            Some(std::fs::read_link(ent.path())?.as_os_str().as_bytes().to_vec())
+        } else {
+            None
+        };
+        let hash = if ft.is_file() {
+            Some(hash_file(ent.path())?)
+        } else {
+            None
+        };
         let link_leader = if !ft.is_dir() && md.nlink() > 1 {
-            Some(inodes.entry((md.dev(), md.ino())).or_insert_with(|| rel.clone()).clone())
+            Some(
+                inodes
+                    .entry((md.dev(), md.ino()))
+                    .or_insert_with(|| rel.clone())
+                    .clone(),
+            )
         } else {
             None
         };
@@ -168,7 +188,10 @@ pub fn compare_trees(a: &Path, b: &Path) -> io::Result<Vec<Difference>> {
     let mut diffs = Vec::new();
     for (path, ea) in &ta {
         let Some(eb) = tb.get(path) else {
-            diffs.push(Difference { path: path.clone(), what: "only on the first side".into() });
+            diffs.push(Difference {
+                path: path.clone(),
+                what: "only on the first side".into(),
+            });
             continue;
         };
         let mut what = Vec::new();
@@ -197,14 +220,23 @@ pub fn compare_trees(a: &Path, b: &Path) -> io::Result<Vec<Difference>> {
             what.push("content differs".into());
         }
         if ea.link_leader != eb.link_leader {
-            what.push(format!("hard links differ ({:?} vs {:?})", ea.link_leader, eb.link_leader));
+            what.push(format!(
+                "hard links differ ({:?} vs {:?})",
+                ea.link_leader, eb.link_leader
+            ));
         }
         if !what.is_empty() {
-            diffs.push(Difference { path: path.clone(), what: what.join(", ") });
+            diffs.push(Difference {
+                path: path.clone(),
+                what: what.join(", "),
+            });
         }
     }
     for path in tb.keys().filter(|p| !ta.contains_key(*p)) {
-        diffs.push(Difference { path: path.clone(), what: "only on the second side".into() });
+        diffs.push(Difference {
+            path: path.clone(),
+            what: "only on the second side".into(),
+        });
     }
     Ok(diffs)
 }
@@ -240,9 +272,20 @@ mod tests {
         fs::set_permissions(a.join("sub"), std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
         let d = compare_trees(&a, &b).unwrap();
         let text: Vec<String> = d.iter().map(|d| d.to_string()).collect();
-        assert!(text.iter().any(|t| t.starts_with("sub/f") && t.contains("content differs")), "{text:?}");
-        assert!(text.iter().any(|t| t.starts_with("only") && t.contains("only on the first")), "{text:?}");
-        assert!(text.iter().any(|t| t.starts_with("sub:") && t.contains("mode")), "{text:?}");
+        assert!(
+            text.iter()
+                .any(|t| t.starts_with("sub/f") && t.contains("content differs")),
+            "{text:?}"
+        );
+        assert!(
+            text.iter()
+                .any(|t| t.starts_with("only") && t.contains("only on the first")),
+            "{text:?}"
+        );
+        assert!(
+            text.iter().any(|t| t.starts_with("sub:") && t.contains("mode")),
+            "{text:?}"
+        );
     }
 
     #[test]
@@ -269,7 +312,11 @@ mod tests {
             assert!(d.iter().any(|d| d.what.contains("xattrs")), "{d:?}");
         } else {
             // tmpfs before 6.6 had no user xattrs; this kernel is newer, so say so loudly.
-            panic!("cannot set a user xattr in {}: {}", a.display(), io::Error::last_os_error());
+            panic!(
+                "cannot set a user xattr in {}: {}",
+                a.display(),
+                io::Error::last_os_error()
+            );
         }
     }
 }

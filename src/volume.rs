@@ -27,11 +27,19 @@ pub type Stat = libc::stat;
 
 /// Converts a `-1` return into the thread's errno.
 fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
-    if ret == -1 { Err(io::Error::last_os_error()) } else { Ok(ret) }
+    if ret == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
 }
 
 fn cvt_size(ret: isize) -> io::Result<usize> {
-    if ret == -1 { Err(io::Error::last_os_error()) } else { Ok(ret as usize) }
+    if ret == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret as usize)
+    }
 }
 
 fn cstr(s: &OsStr) -> io::Result<CString> {
@@ -55,8 +63,14 @@ pub enum SetTime {
 impl SetTime {
     fn timespec(self) -> libc::timespec {
         match self {
-            SetTime::Omit => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT },
-            SetTime::At { secs, nanos } => libc::timespec { tv_sec: secs, tv_nsec: nanos },
+            SetTime::Omit => libc::timespec {
+                tv_sec: 0,
+                tv_nsec: libc::UTIME_OMIT,
+            },
+            SetTime::At { secs, nanos } => libc::timespec {
+                tv_sec: secs,
+                tv_nsec: nanos,
+            },
         }
     }
 }
@@ -102,7 +116,11 @@ impl Volume {
         let fd = cvt(unsafe { libc::open(c.as_ptr(), libc::O_DIRECTORY | libc::O_RDONLY | libc::O_CLOEXEC) })?;
         // SAFETY: fd was just returned by open and is owned by nobody else.
         let root = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(Volume { side, path: path.to_path_buf(), root })
+        Ok(Volume {
+            side,
+            path: path.to_path_buf(),
+            root,
+        })
     }
 
     pub fn root_fd(&self) -> BorrowedFd<'_> {
@@ -114,7 +132,11 @@ impl Volume {
         let c = cstr(rel.as_os_str())?;
         let mut how: libc::open_how = unsafe { MaybeUninit::zeroed().assume_init() };
         how.flags = (flags | libc::O_CLOEXEC | libc::O_NOFOLLOW) as u64;
-        how.mode = if flags & (libc::O_CREAT | libc::O_TMPFILE) != 0 { mode as u64 } else { 0 };
+        how.mode = if flags & (libc::O_CREAT | libc::O_TMPFILE) != 0 {
+            mode as u64
+        } else {
+            0
+        };
         how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
         loop {
             // SAFETY: all pointers are valid for the call; the size is that of `how`.
@@ -141,7 +163,9 @@ impl Volume {
 
     /// The directory holding `rel` and the last component's name.
     fn parent(&self, rel: &Path) -> io::Result<(Base<'_>, CString)> {
-        let name = rel.file_name().ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let name = rel
+            .file_name()
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
         let name = cstr(name)?;
         match rel.parent() {
             Some(p) if !p.as_os_str().is_empty() => {
@@ -171,7 +195,11 @@ impl Volume {
 
     /// An `O_PATH` fd on the entry itself (a symlink is not followed).
     fn open_path(&self, rel: &Path) -> io::Result<OwnedFd> {
-        let rel = if rel.as_os_str().is_empty() { Path::new(".") } else { rel };
+        let rel = if rel.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            rel
+        };
         self.openat2(rel, libc::O_PATH, 0)
     }
 
@@ -210,7 +238,11 @@ impl Volume {
             return Ok(());
         }
         let parent = fstat_raw(dir)?;
-        let gid = if parent.st_mode & libc::S_ISGID != 0 { parent.st_gid } else { owner.gid };
+        let gid = if parent.st_mode & libc::S_ISGID != 0 {
+            parent.st_gid
+        } else {
+            owner.gid
+        };
         // SAFETY: valid dirfd and C string.
         cvt(unsafe { libc::fchownat(dir, name.as_ptr(), owner.uid, gid, libc::AT_SYMLINK_NOFOLLOW) })?;
         if mode & (libc::S_ISUID | libc::S_ISGID) != 0 {
@@ -276,9 +308,7 @@ impl Volume {
         let (base, name) = self.parent(rel)?;
         let mut buf = vec![0u8; libc::PATH_MAX as usize];
         // SAFETY: buf is valid for buf.len() bytes.
-        let n = cvt_size(unsafe {
-            libc::readlinkat(base.raw(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
-        })?;
+        let n = cvt_size(unsafe { libc::readlinkat(base.raw(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) })?;
         buf.truncate(n);
         Ok(buf)
     }
@@ -323,7 +353,8 @@ impl Volume {
     /// fd in /proc), for the xattr calls, which have no `*at()` form.
     fn with_proc_path<T>(&self, rel: &Path, f: impl FnOnce(&CStr) -> io::Result<T>) -> io::Result<T> {
         let fd = self.open_path(rel)?;
-        let p = CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let p = CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
         f(&p)
     }
 
@@ -342,7 +373,16 @@ impl Volume {
             let mut buf = vec![0u8; size];
             // SAFETY: buf is valid for size bytes (a null pointer with size 0 asks for the size).
             let got = cvt_size(unsafe {
-                libc::getxattr(p.as_ptr(), n.as_ptr(), if size == 0 { std::ptr::null_mut() } else { buf.as_mut_ptr().cast() }, size)
+                libc::getxattr(
+                    p.as_ptr(),
+                    n.as_ptr(),
+                    if size == 0 {
+                        std::ptr::null_mut()
+                    } else {
+                        buf.as_mut_ptr().cast()
+                    },
+                    size,
+                )
             })?;
             buf.truncate(got.min(size));
             Ok((buf, got))
@@ -354,7 +394,15 @@ impl Volume {
             let mut buf = vec![0u8; size];
             // SAFETY: as for getxattr.
             let got = cvt_size(unsafe {
-                libc::listxattr(p.as_ptr(), if size == 0 { std::ptr::null_mut() } else { buf.as_mut_ptr().cast() }, size)
+                libc::listxattr(
+                    p.as_ptr(),
+                    if size == 0 {
+                        std::ptr::null_mut()
+                    } else {
+                        buf.as_mut_ptr().cast()
+                    },
+                    size,
+                )
             })?;
             buf.truncate(got.min(size));
             Ok((buf, got))
@@ -395,7 +443,11 @@ fn chmod_at(dir: RawFd, name: &CStr, mode: u32) -> io::Result<()> {
     // the backing tree; plain fchmodat would.
     // SAFETY: valid dirfd and C string.
     let ret = unsafe { libc::syscall(libc::SYS_fchmodat2, dir, name.as_ptr(), mode, libc::AT_SYMLINK_NOFOLLOW) };
-    if ret == -1 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    if ret == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 fn fstat_raw(fd: RawFd) -> io::Result<Stat> {
@@ -437,7 +489,11 @@ fn read_dir_fd(fd: OwnedFd) -> io::Result<Vec<DirEntry>> {
             Some(nix::dir::Type::BlockDevice) => libc::DT_BLK,
             None => libc::DT_UNKNOWN,
         };
-        out.push(DirEntry { name: OsString::from_vec(name.to_vec()), ino: ent.ino(), dtype });
+        out.push(DirEntry {
+            name: OsString::from_vec(name.to_vec()),
+            ino: ent.ino(),
+            dtype,
+        });
     }
     Ok(out)
 }
@@ -449,7 +505,12 @@ pub fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Result<usiz
     while done < buf.len() {
         // SAFETY: the slice past `done` is valid for writing.
         let n = unsafe {
-            libc::pread(fd.as_raw_fd(), buf[done..].as_mut_ptr().cast(), buf.len() - done, (offset + done as u64) as libc::off_t)
+            libc::pread(
+                fd.as_raw_fd(),
+                buf[done..].as_mut_ptr().cast(),
+                buf.len() - done,
+                (offset + done as u64) as libc::off_t,
+            )
         };
         match cvt_size(n) {
             Ok(0) => break,
@@ -467,7 +528,12 @@ pub fn pwrite_all(fd: BorrowedFd<'_>, data: &[u8], offset: u64) -> io::Result<us
     while done < data.len() {
         // SAFETY: the slice past `done` is valid for reading.
         let n = unsafe {
-            libc::pwrite(fd.as_raw_fd(), data[done..].as_ptr().cast(), data.len() - done, (offset + done as u64) as libc::off_t)
+            libc::pwrite(
+                fd.as_raw_fd(),
+                data[done..].as_ptr().cast(),
+                data.len() - done,
+                (offset + done as u64) as libc::off_t,
+            )
         };
         match cvt_size(n) {
             Ok(0) => return Err(io::Error::from_raw_os_error(libc::EIO)),
@@ -481,7 +547,13 @@ pub fn pwrite_all(fd: BorrowedFd<'_>, data: &[u8], offset: u64) -> io::Result<us
 
 pub fn fsync(fd: BorrowedFd<'_>, datasync: bool) -> io::Result<()> {
     // SAFETY: valid fd.
-    let ret = unsafe { if datasync { libc::fdatasync(fd.as_raw_fd()) } else { libc::fsync(fd.as_raw_fd()) } };
+    let ret = unsafe {
+        if datasync {
+            libc::fdatasync(fd.as_raw_fd())
+        } else {
+            libc::fsync(fd.as_raw_fd())
+        }
+    };
     cvt(ret).map(drop)
 }
 
@@ -523,21 +595,43 @@ pub fn fallocate(fd: BorrowedFd<'_>, mode: i32, offset: u64, len: u64) -> io::Re
 pub fn lseek(fd: BorrowedFd<'_>, offset: i64, whence: i32) -> io::Result<i64> {
     // SAFETY: valid fd.
     let r = unsafe { libc::lseek(fd.as_raw_fd(), offset, whence) };
-    if r == -1 { Err(io::Error::last_os_error()) } else { Ok(r) }
+    if r == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
 }
 
-pub fn copy_file_range(fd_in: BorrowedFd<'_>, off_in: u64, fd_out: BorrowedFd<'_>, off_out: u64, len: u64, flags: u32) -> io::Result<usize> {
+pub fn copy_file_range(
+    fd_in: BorrowedFd<'_>,
+    off_in: u64,
+    fd_out: BorrowedFd<'_>,
+    off_out: u64,
+    len: u64,
+    flags: u32,
+) -> io::Result<usize> {
     let mut oi = off_in as libc::loff_t;
     let mut oo = off_out as libc::loff_t;
     // SAFETY: valid fds and offset pointers.
     cvt_size(unsafe {
-        libc::copy_file_range(fd_in.as_raw_fd(), &mut oi, fd_out.as_raw_fd(), &mut oo, len as usize, flags)
+        libc::copy_file_range(
+            fd_in.as_raw_fd(),
+            &mut oi,
+            fd_out.as_raw_fd(),
+            &mut oo,
+            len as usize,
+            flags,
+        )
     })
 }
 
 /// A relative path built from a parent's path and a name.
 pub fn child(parent: &Path, name: &OsStr) -> PathBuf {
-    if parent.as_os_str().is_empty() { PathBuf::from(name) } else { parent.join(name) }
+    if parent.as_os_str().is_empty() {
+        PathBuf::from(name)
+    } else {
+        parent.join(name)
+    }
 }
 
 #[cfg(test)]
@@ -559,7 +653,10 @@ mod tests {
         let err = v.open_file(Path::new("../secret"), libc::O_RDONLY).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EXDEV));
         // The symlink itself can be read, not followed.
-        assert_eq!(v.readlink(Path::new("escape")).unwrap(), t.path().as_os_str().as_bytes());
+        assert_eq!(
+            v.readlink(Path::new("escape")).unwrap(),
+            t.path().as_os_str().as_bytes()
+        );
         let err = v.open_file(Path::new("escape"), libc::O_RDONLY).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::ELOOP));
     }
@@ -568,14 +665,22 @@ mod tests {
     fn keeps_the_errno() {
         let t = tempfile::tempdir().unwrap();
         let v = Volume::open(Side::Mirror, t.path()).unwrap();
-        assert_eq!(v.lstat(Path::new("nope")).unwrap_err().raw_os_error(), Some(libc::ENOENT));
+        assert_eq!(
+            v.lstat(Path::new("nope")).unwrap_err().raw_os_error(),
+            Some(libc::ENOENT)
+        );
         v.mkdir(Path::new("d"), 0o755, Owner { uid: 0, gid: 0 }).unwrap();
         assert_eq!(
-            v.mkdir(Path::new("d"), 0o755, Owner { uid: 0, gid: 0 }).unwrap_err().raw_os_error(),
+            v.mkdir(Path::new("d"), 0o755, Owner { uid: 0, gid: 0 })
+                .unwrap_err()
+                .raw_os_error(),
             Some(libc::EEXIST)
         );
         fs::write(t.path().join("d/f"), b"x").unwrap();
-        assert_eq!(v.rmdir(Path::new("d")).unwrap_err().raw_os_error(), Some(libc::ENOTEMPTY));
+        assert_eq!(
+            v.rmdir(Path::new("d")).unwrap_err().raw_os_error(),
+            Some(libc::ENOTEMPTY)
+        );
     }
 
     #[test]

@@ -12,7 +12,10 @@ fn mount_refusal(spec: &str, mnt: &str, opts: &str, cwd: &std::path::Path) -> (i
         c.args(["-o", opts]);
     }
     let out = run(c.args([spec, mnt]));
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -58,7 +61,11 @@ fn background_mount_is_live_when_the_command_returns() {
     }
     let t = open_tempdir();
     let mnt = t.path().join("demo/mnt");
-    let spec = format!("{}|{}", t.path().join("demo/p").display(), t.path().join("demo/m").display());
+    let spec = format!(
+        "{}|{}",
+        t.path().join("demo/p").display(),
+        t.path().join("demo/m").display()
+    );
     ok(Command::new(BIN).args(["mount", "-o", "create", &spec]).arg(&mnt));
     // No waiting: the mount must already answer.
     let live = is_mounted(&mnt);
@@ -69,7 +76,11 @@ fn background_mount_is_live_when_the_command_returns() {
     }
     assert!(live, "not mounted when mount returned");
     wrote.expect("write through a fresh background mount");
-    assert!(unmounted.status.success(), "unmount: {}", String::from_utf8_lossy(&unmounted.stderr));
+    assert!(
+        unmounted.status.success(),
+        "unmount: {}",
+        String::from_utf8_lossy(&unmounted.stderr)
+    );
     assert!(!is_mounted(&mnt));
     assert_eq!(std::fs::read(t.path().join("demo/p/hello")).unwrap(), b"world");
     assert_eq!(std::fs::read(t.path().join("demo/m/hello")).unwrap(), b"world");
@@ -77,10 +88,16 @@ fn background_mount_is_live_when_the_command_returns() {
 
 #[test]
 fn sigterm_unmounts_cleanly() {
-    let Some(mut m) = Mounted::new("sigterm_unmounts_cleanly", "") else { return };
+    let Some(mut m) = Mounted::new("sigterm_unmounts_cleanly", "") else {
+        return;
+    };
     std::fs::write(m.path("f"), b"x").unwrap();
     let pid = m.daemon_pid().expect("daemon pid");
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while is_mounted(&m.mnt) && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(20));
@@ -92,7 +109,9 @@ fn sigterm_unmounts_cleanly() {
 
 #[test]
 fn a_side_cannot_be_mounted_twice() {
-    let Some(m) = Mounted::new("a_side_cannot_be_mounted_twice", "") else { return };
+    let Some(m) = Mounted::new("a_side_cannot_be_mounted_twice", "") else {
+        return;
+    };
     let other = m.dir.path().join("other");
     std::fs::create_dir_all(&other).unwrap();
     let spec = format!("{}|{}", m.primary.display(), m.dir.path().join("m2").display());
@@ -112,7 +131,10 @@ fn mount_helper_name_takes_fstab_arguments() {
     std::os::unix::fs::symlink(BIN, &helper).unwrap();
     let spec = format!("{}|{}", t.path().join("p").display(), t.path().join("m").display());
     let mnt = t.path().join("mnt");
-    ok(Command::new(&helper).arg(&spec).arg(&mnt).args(["-o", "rw,create,nofail"]));
+    ok(Command::new(&helper)
+        .arg(&spec)
+        .arg(&mnt)
+        .args(["-o", "rw,create,nofail"]));
     let live = is_mounted(&mnt);
     let _ = run(Command::new(BIN).arg("unmount").arg(&mnt));
     if is_mounted(&mnt) {

@@ -42,7 +42,10 @@ pub fn ok(cmd: &mut Command) -> Output {
 
 /// A directory under /tmp that every user can reach (tempfile makes 0700).
 pub fn open_tempdir() -> tempfile::TempDir {
-    let t = tempfile::Builder::new().prefix("mirrorfs-it.").tempdir_in("/tmp").expect("tempdir");
+    let t = tempfile::Builder::new()
+        .prefix("mirrorfs-it.")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
     std::fs::set_permissions(t.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
     t
 }
@@ -62,23 +65,65 @@ pub struct Mounted {
     pub mirror: PathBuf,
     pub mnt: PathBuf,
     child: Option<Child>,
+    /// Filesystems mounted for this test (e.g. a small tmpfs side), unmounted last.
+    extra_mounts: Vec<PathBuf>,
 }
 
 impl Mounted {
     /// Mounts with `-o create,<opts>`; None when FUSE tests cannot run here.
     pub fn new(test: &str, opts: &str) -> Option<Mounted> {
+        Self::with_mirror_tmpfs(test, opts, None)
+    }
+
+    /// Like `new`, with the mirror on a tmpfs of `tmpfs_size` (e.g. "2m")
+    /// when given: a real ENOSPC source.
+    pub fn with_mirror_tmpfs(test: &str, opts: &str, tmpfs_size: Option<&str>) -> Option<Mounted> {
         if !fuse_available(test) {
             return None;
         }
         let dir = open_tempdir();
-        let (primary, mirror, mnt) = (dir.path().join("primary"), dir.path().join("mirror"), dir.path().join("mnt"));
-        let mut m = Mounted { dir, primary, mirror, mnt, child: None };
+        let (primary, mirror, mnt) = (
+            dir.path().join("primary"),
+            dir.path().join("mirror"),
+            dir.path().join("mnt"),
+        );
+        let mut m = Mounted {
+            dir,
+            primary,
+            mirror,
+            mnt,
+            child: None,
+            extra_mounts: Vec::new(),
+        };
+        if let Some(size) = tmpfs_size {
+            std::fs::create_dir_all(&m.mirror).unwrap();
+            ok(Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0755"), "tmpfs"])
+                .arg(&m.mirror));
+            m.extra_mounts.push(m.mirror.clone());
+        }
         m.start(opts);
         Some(m)
     }
 
+    /// Starts the daemon again on the same pair after `unmount`; returns
+    /// the error output if it refuses.
+    pub fn try_remount(&mut self, opts: &str) -> Result<(), String> {
+        let spec = format!("{}|{}", self.primary.display(), self.mirror.display());
+        let out = run(Command::new(BIN).args(["mount", "-o", opts, &spec]).arg(&self.mnt));
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
     fn start(&mut self, opts: &str) {
-        let o = if opts.is_empty() { "create".to_string() } else { format!("create,{opts}") };
+        let o = if opts.is_empty() {
+            "create".to_string()
+        } else {
+            format!("create,{opts}")
+        };
         let spec = format!("{}|{}", self.primary.display(), self.mirror.display());
         let child = Command::new(BIN)
             .args(["mount", "-f", "-o", &o, &spec])
@@ -132,7 +177,11 @@ impl Mounted {
     /// Asserts that the two sides hold identical trees.
     pub fn assert_identical(&self) {
         let diffs = mirrorfs::verify::compare_trees(&self.primary, &self.mirror).expect("compare sides");
-        assert!(diffs.is_empty(), "sides differ:\n{}", diffs.iter().map(|d| format!("  {d}\n")).collect::<String>());
+        assert!(
+            diffs.is_empty(),
+            "sides differ:\n{}",
+            diffs.iter().map(|d| format!("  {d}\n")).collect::<String>()
+        );
     }
 
     /// Unmounts, then checks the sides: the end of every test that writes.
@@ -157,6 +206,16 @@ impl Drop for Mounted {
             }
             let _ = c.kill();
             let _ = c.wait();
+        }
+        for m in self.extra_mounts.drain(..).rev() {
+            if Command::new("umount")
+                .arg(&m)
+                .status()
+                .map(|s| !s.success())
+                .unwrap_or(true)
+            {
+                let _ = Command::new("umount").arg("-l").arg(&m).status();
+            }
         }
     }
 }

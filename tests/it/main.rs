@@ -6,5 +6,6 @@
 mod common;
 
 mod cli;
+mod failover;
 mod posix;
 mod workloads;

@@ -16,12 +16,18 @@ fn c(p: &Path) -> CString {
 }
 
 fn errno_of(ret: libc::c_int) -> i32 {
-    if ret == 0 { 0 } else { std::io::Error::last_os_error().raw_os_error().unwrap() }
+    if ret == 0 {
+        0
+    } else {
+        std::io::Error::last_os_error().raw_os_error().unwrap()
+    }
 }
 
 #[test]
 fn files_and_directories() {
-    let Some(m) = Mounted::new("files_and_directories", "") else { return };
+    let Some(m) = Mounted::new("files_and_directories", "") else {
+        return;
+    };
     fs::create_dir_all(m.path("a/b/c")).unwrap();
     fs::write(m.path("a/b/c/f"), b"hello").unwrap();
     let mut f = OpenOptions::new().append(true).open(m.path("a/b/c/f")).unwrap();
@@ -40,10 +46,16 @@ fn files_and_directories() {
     let cp = c(&m.path("big"));
     assert_eq!(unsafe { libc::truncate(cp.as_ptr(), 10) }, 0);
     assert_eq!(fs::metadata(m.path("big")).unwrap().len(), 10);
-    assert_eq!(fs::remove_dir(m.path("a")).unwrap_err().raw_os_error(), Some(libc::ENOTEMPTY));
+    assert_eq!(
+        fs::remove_dir(m.path("a")).unwrap_err().raw_os_error(),
+        Some(libc::ENOTEMPTY)
+    );
     fs::remove_file(m.path("a/b/c/f")).unwrap();
     fs::remove_dir(m.path("a/b/c")).unwrap();
-    assert_eq!(fs::remove_file(m.path("nope")).unwrap_err().raw_os_error(), Some(libc::ENOENT));
+    assert_eq!(
+        fs::remove_file(m.path("nope")).unwrap_err().raw_os_error(),
+        Some(libc::ENOENT)
+    );
     let mut names: Vec<_> = fs::read_dir(&m.mnt).unwrap().map(|e| e.unwrap().file_name()).collect();
     names.sort();
     assert_eq!(names, vec!["a", "big"]);
@@ -52,13 +64,31 @@ fn files_and_directories() {
 
 #[test]
 fn renames_with_flags() {
-    let Some(m) = Mounted::new("renames_with_flags", "") else { return };
+    let Some(m) = Mounted::new("renames_with_flags", "") else {
+        return;
+    };
     fs::write(m.path("x"), b"x").unwrap();
     fs::write(m.path("y"), b"y").unwrap();
     let (x, y) = (c(&m.path("x")), c(&m.path("y")));
-    let r = unsafe { libc::renameat2(libc::AT_FDCWD, x.as_ptr(), libc::AT_FDCWD, y.as_ptr(), libc::RENAME_NOREPLACE) };
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            x.as_ptr(),
+            libc::AT_FDCWD,
+            y.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
     assert_eq!(errno_of(r), libc::EEXIST);
-    let r = unsafe { libc::renameat2(libc::AT_FDCWD, x.as_ptr(), libc::AT_FDCWD, y.as_ptr(), libc::RENAME_EXCHANGE) };
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            x.as_ptr(),
+            libc::AT_FDCWD,
+            y.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
     assert_eq!(errno_of(r), 0);
     assert_eq!(fs::read(m.path("x")).unwrap(), b"y");
     assert_eq!(fs::read(m.path("y")).unwrap(), b"x");
@@ -80,7 +110,9 @@ fn renames_with_flags() {
 
 #[test]
 fn links_symlinks_and_special_files() {
-    let Some(m) = Mounted::new("links_symlinks_and_special_files", "") else { return };
+    let Some(m) = Mounted::new("links_symlinks_and_special_files", "") else {
+        return;
+    };
     fs::write(m.path("f"), b"data").unwrap();
     fs::hard_link(m.path("f"), m.path("g")).unwrap();
     let (a, b) = (fs::metadata(m.path("f")).unwrap(), fs::metadata(m.path("g")).unwrap());
@@ -107,7 +139,9 @@ fn links_symlinks_and_special_files() {
 
 #[test]
 fn attributes_and_explicit_times_are_identical_on_both_sides() {
-    let Some(m) = Mounted::new("attributes_and_explicit_times_are_identical_on_both_sides", "") else { return };
+    let Some(m) = Mounted::new("attributes_and_explicit_times_are_identical_on_both_sides", "") else {
+        return;
+    };
     fs::write(m.path("f"), b"x").unwrap();
     fs::set_permissions(m.path("f"), fs::Permissions::from_mode(0o4751)).unwrap();
     std::os::unix::fs::lchown(m.path("f"), Some(1234), Some(5678)).unwrap();
@@ -115,24 +149,55 @@ fn attributes_and_explicit_times_are_identical_on_both_sides() {
     assert_eq!(fs::metadata(m.path("f")).unwrap().mode() & 0o7777, 0o751);
     fs::set_permissions(m.path("f"), fs::Permissions::from_mode(0o2640)).unwrap();
     let ts = [
-        libc::timespec { tv_sec: 1_000_000_000, tv_nsec: 123_456_789 },
-        libc::timespec { tv_sec: 1_500_000_000, tv_nsec: 987_654_321 },
+        libc::timespec {
+            tv_sec: 1_000_000_000,
+            tv_nsec: 123_456_789,
+        },
+        libc::timespec {
+            tv_sec: 1_500_000_000,
+            tv_nsec: 987_654_321,
+        },
     ];
     let p = c(&m.path("f"));
-    assert_eq!(unsafe { libc::utimensat(libc::AT_FDCWD, p.as_ptr(), ts.as_ptr(), 0) }, 0);
-    let now = [libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_NOW }, libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT }];
+    assert_eq!(
+        unsafe { libc::utimensat(libc::AT_FDCWD, p.as_ptr(), ts.as_ptr(), 0) },
+        0
+    );
+    let now = [
+        libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_NOW,
+        },
+        libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+    ];
     fs::write(m.path("g"), b"y").unwrap();
     let g = c(&m.path("g"));
-    assert_eq!(unsafe { libc::utimensat(libc::AT_FDCWD, g.as_ptr(), now.as_ptr(), 0) }, 0);
+    assert_eq!(
+        unsafe { libc::utimensat(libc::AT_FDCWD, g.as_ptr(), now.as_ptr(), 0) },
+        0
+    );
     let md = fs::metadata(m.path("f")).unwrap();
     assert_eq!((md.mode() & 0o7777, md.uid(), md.gid()), (0o2640, 1234, 5678));
     assert_eq!((md.mtime(), md.mtime_nsec()), (1_500_000_000, 987_654_321));
     for side in [&m.primary, &m.mirror] {
         let s = fs::metadata(side.join("f")).unwrap();
-        assert_eq!((s.atime(), s.atime_nsec(), s.mtime(), s.mtime_nsec()), (1_000_000_000, 123_456_789, 1_500_000_000, 987_654_321));
+        assert_eq!(
+            (s.atime(), s.atime_nsec(), s.mtime(), s.mtime_nsec()),
+            (1_000_000_000, 123_456_789, 1_500_000_000, 987_654_321)
+        );
     }
-    let (pg, mg) = (fs::metadata(m.primary.join("g")).unwrap(), fs::metadata(m.mirror.join("g")).unwrap());
-    assert_eq!((pg.atime(), pg.atime_nsec()), (mg.atime(), mg.atime_nsec()), "UTIME_NOW is one instant on both sides");
+    let (pg, mg) = (
+        fs::metadata(m.primary.join("g")).unwrap(),
+        fs::metadata(m.mirror.join("g")).unwrap(),
+    );
+    assert_eq!(
+        (pg.atime(), pg.atime_nsec()),
+        (mg.atime(), mg.atime_nsec()),
+        "UTIME_NOW is one instant on both sides"
+    );
     m.finish();
 }
 
@@ -154,8 +219,16 @@ fn xattrs() {
 
 #[test]
 fn fallocate_seek_hole_and_copy_file_range() {
-    let Some(m) = Mounted::new("fallocate_seek_hole_and_copy_file_range", "") else { return };
-    let mut f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(m.path("sparse")).unwrap();
+    let Some(m) = Mounted::new("fallocate_seek_hole_and_copy_file_range", "") else {
+        return;
+    };
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(m.path("sparse"))
+        .unwrap();
     f.write_all(&[7u8; 4096]).unwrap();
     f.seek(SeekFrom::Start(1 << 20)).unwrap();
     f.write_all(&[9u8; 4096]).unwrap();
@@ -163,12 +236,20 @@ fn fallocate_seek_hole_and_copy_file_range() {
     let fd = f.as_raw_fd();
     assert_eq!(unsafe { libc::fallocate(fd, 0, 8 << 20, 1 << 20) }, 0);
     assert_eq!(f.metadata().unwrap().len(), 9 << 20);
-    assert_eq!(unsafe { libc::fallocate(fd, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, 0, 4096) }, 0);
+    assert_eq!(
+        unsafe { libc::fallocate(fd, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, 0, 4096) },
+        0
+    );
     let data = unsafe { libc::lseek(fd, 0, libc::SEEK_DATA) };
     assert_eq!(data, 1 << 20, "first data after the punched hole");
     let hole = unsafe { libc::lseek(fd, 1 << 20, libc::SEEK_HOLE) };
     assert!(hole > (1 << 20) && hole < 9 << 20, "hole at {hole}");
-    let out = OpenOptions::new().write(true).create(true).truncate(true).open(m.path("copy")).unwrap();
+    let out = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(m.path("copy"))
+        .unwrap();
     let (mut oi, mut oo) = ((1i64 << 20), 0i64);
     let n = unsafe { libc::copy_file_range(fd, &mut oi, out.as_raw_fd(), &mut oo, 4096, 0) };
     assert_eq!(n, 4096);
@@ -180,8 +261,16 @@ fn fallocate_seek_hole_and_copy_file_range() {
 
 #[test]
 fn unlinked_open_file_keeps_working() {
-    let Some(m) = Mounted::new("unlinked_open_file_keeps_working", "") else { return };
-    let mut f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(m.path("tmp")).unwrap();
+    let Some(m) = Mounted::new("unlinked_open_file_keeps_working", "") else {
+        return;
+    };
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(m.path("tmp"))
+        .unwrap();
     f.write_all(b"abc").unwrap();
     fs::remove_file(m.path("tmp")).unwrap();
     f.write_all(b"def").unwrap();
@@ -199,11 +288,26 @@ fn unlinked_open_file_keeps_working() {
 
 #[test]
 fn shared_mmap_writes_reach_both_sides() {
-    let Some(m) = Mounted::new("shared_mmap_writes_reach_both_sides", "") else { return };
-    let f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(m.path("mm")).unwrap();
+    let Some(m) = Mounted::new("shared_mmap_writes_reach_both_sides", "") else {
+        return;
+    };
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(m.path("mm"))
+        .unwrap();
     f.set_len(8192).unwrap();
     unsafe {
-        let p = libc::mmap(std::ptr::null_mut(), 8192, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, f.as_raw_fd(), 0);
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            8192,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        );
         assert_ne!(p, libc::MAP_FAILED);
         std::ptr::write_bytes(p as *mut u8, 0x5a, 8192);
         assert_eq!(libc::msync(p, 8192, libc::MS_SYNC), 0);
@@ -216,10 +320,15 @@ fn shared_mmap_writes_reach_both_sides() {
 
 #[test]
 fn metadata_dir_is_invisible_and_untouchable() {
-    let Some(m) = Mounted::new("metadata_dir_is_invisible_and_untouchable", "") else { return };
+    let Some(m) = Mounted::new("metadata_dir_is_invisible_and_untouchable", "") else {
+        return;
+    };
     assert!(m.primary.join(".mirrorfs/identity.json").exists());
     assert_eq!(fs::read_dir(&m.mnt).unwrap().count(), 0, "a fresh mount is empty");
-    assert_eq!(fs::metadata(m.path(".mirrorfs")).unwrap_err().raw_os_error(), Some(libc::ENOENT));
+    assert_eq!(
+        fs::metadata(m.path(".mirrorfs")).unwrap_err().raw_os_error(),
+        Some(libc::ENOENT)
+    );
     assert!(fs::create_dir(m.path(".mirrorfs")).is_err());
     assert!(fs::write(m.path(".mirrorfs"), b"x").is_err());
     fs::write(m.path("x"), b"x").unwrap();
@@ -234,12 +343,24 @@ fn metadata_dir_is_invisible_and_untouchable() {
 }
 
 fn as_nobody(script: &str) -> std::process::Output {
-    run(Command::new("setpriv").args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "sh", "-c", script]))
+    run(Command::new("setpriv").args([
+        "--reuid=nobody",
+        "--regid=nogroup",
+        "--clear-groups",
+        "sh",
+        "-c",
+        script,
+    ]))
 }
 
 #[test]
 fn allow_other_checks_permissions_and_creates_as_the_caller() {
-    let Some(m) = Mounted::new("allow_other_checks_permissions_and_creates_as_the_caller", "allow_other") else { return };
+    let Some(m) = Mounted::new(
+        "allow_other_checks_permissions_and_creates_as_the_caller",
+        "allow_other",
+    ) else {
+        return;
+    };
     fs::write(m.path("secret"), b"root only").unwrap();
     fs::set_permissions(m.path("secret"), fs::Permissions::from_mode(0o600)).unwrap();
     fs::create_dir(m.path("pub")).unwrap();
@@ -257,7 +378,13 @@ fn allow_other_checks_permissions_and_creates_as_the_caller() {
     for side in [&m.mnt, &m.primary, &m.mirror] {
         for name in ["f", "d", "l", "p"] {
             let md = fs::symlink_metadata(side.join("pub").join(name)).unwrap();
-            assert_eq!((md.uid(), md.gid()), (nobody.uid.as_raw(), nogroup.gid.as_raw()), "{} in {}", name, side.display());
+            assert_eq!(
+                (md.uid(), md.gid()),
+                (nobody.uid.as_raw(), nogroup.gid.as_raw()),
+                "{} in {}",
+                name,
+                side.display()
+            );
         }
         assert_eq!(fs::metadata(side.join("pub/f")).unwrap().mode() & 0o777, 0o644);
     }
@@ -266,7 +393,9 @@ fn allow_other_checks_permissions_and_creates_as_the_caller() {
 
 #[test]
 fn statfs_reports_the_backing_space() {
-    let Some(m) = Mounted::new("statfs_reports_the_backing_space", "") else { return };
+    let Some(m) = Mounted::new("statfs_reports_the_backing_space", "") else {
+        return;
+    };
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
     let p = c(&m.mnt);
     assert_eq!(unsafe { libc::statvfs(p.as_ptr(), &mut st) }, 0);

@@ -14,12 +14,18 @@ use std::time::Instant;
 use crate::common::{Mounted, ok, open_tempdir, run};
 
 fn text(out: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 /// Finds a tool on PATH or in root's cargo bin (where `cargo install` puts it).
 fn tool(name: &str) -> PathBuf {
-    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
     if let Some(h) = std::env::var_os("CARGO_HOME") {
         dirs.push(PathBuf::from(h).join("bin"));
     }
@@ -58,19 +64,38 @@ fn parse_pjdfstest(out: &str) -> PjdResult {
             .find_map(|p| p.strip_suffix(what).map(|n| n.trim().parse::<u32>().expect("count")))
             .unwrap_or_else(|| panic!("no '{what}' in summary {summary:?}"))
     };
-    let failures = out.lines().filter_map(|l| l.strip_prefix("FAILED ")).map(|s| s.trim().to_string()).collect();
-    PjdResult { passed: count(" passed"), failed: count(" failed"), skipped: count(" skipped"), failures }
+    let failures = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("FAILED "))
+        .map(|s| s.trim().to_string())
+        .collect();
+    PjdResult {
+        passed: count(" passed"),
+        failed: count(" failed"),
+        skipped: count(" skipped"),
+        failures,
+    }
 }
 
 #[test]
 fn pjdfstest_matches_ext4() {
-    let Some(m) = Mounted::new("pjdfstest_matches_ext4", "allow_other") else { return };
+    let Some(m) = Mounted::new("pjdfstest_matches_ext4", "allow_other") else {
+        return;
+    };
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tools/pjdfstest.sh");
     let log = m.dir.path().join("pjdfstest.log");
     let t0 = Instant::now();
-    let out = run(Command::new("bash").arg(&script).arg(&m.mnt).arg(&log).stdin(Stdio::null()));
+    let out = run(Command::new("bash")
+        .arg(&script)
+        .arg(&m.mnt)
+        .arg(&log)
+        .stdin(Stdio::null()));
     let all = text(&out);
-    assert!(out.status.success(), "pjdfstest.sh could not run ({}):\n{all}", out.status);
+    assert!(
+        out.status.success(),
+        "pjdfstest.sh could not run ({}):\n{all}",
+        out.status
+    );
     let r = parse_pjdfstest(&all);
     println!(
         "pjdfstest on mirrorfs: {} passed, {} failed, {} skipped ({:.0} s; ext4: 376 passed, 0 failed, 22 skipped)",
@@ -82,7 +107,11 @@ fn pjdfstest_matches_ext4() {
     for f in &r.failures {
         println!("  FAILED {f}");
     }
-    assert_eq!(r.failures.len() as u32, r.failed, "failed count does not match the FAILED lines:\n{all}");
+    assert_eq!(
+        r.failures.len() as u32,
+        r.failed,
+        "failed count does not match the FAILED lines:\n{all}"
+    );
     assert!(r.passed > 0, "no test passed:\n{all}");
     let expected: BTreeSet<&str> = EXPECTED_FAILURES.iter().map(|(n, _)| *n).collect();
     let unexpected: Vec<&String> = r.failures.iter().filter(|f| !expected.contains(f.as_str())).collect();
@@ -100,20 +129,23 @@ fn pjdfstest_matches_ext4() {
 
 #[test]
 fn fsx_100k_ops_with_mmap() {
-    let Some(m) = Mounted::new("fsx_100k_ops_with_mmap", "allow_other") else { return };
+    let Some(m) = Mounted::new("fsx_100k_ops_with_mmap", "allow_other") else {
+        return;
+    };
     let t0 = Instant::now();
-    let out = run(
-        Command::new(tool("fsx"))
-            .args(["-N", "100000", "-S", "42", "-P"])
-            .arg(&m.mnt)
-            .arg(m.path("fsx.dat"))
-            .stdin(Stdio::null()),
-    );
+    let out = run(Command::new(tool("fsx"))
+        .args(["-N", "100000", "-S", "42", "-P"])
+        .arg(&m.mnt)
+        .arg(m.path("fsx.dat"))
+        .stdin(Stdio::null()));
     let secs = t0.elapsed().as_secs_f64();
     let all = text(&out);
     println!("fsx: 100000 ops in {secs:.1} s ({:.1} s per 10k ops)", secs / 10.0);
     assert!(out.status.success(), "fsx failed ({}):\n{all}", out.status);
-    assert!(all.contains("All operations completed A-OK!"), "fsx did not report A-OK:\n{all}");
+    assert!(
+        all.contains("All operations completed A-OK!"),
+        "fsx did not report A-OK:\n{all}"
+    );
     m.finish();
 }
 
@@ -122,7 +154,9 @@ fn fsx_100k_ops_with_mmap() {
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
 fn postgres_ids() -> (nix::unistd::Uid, nix::unistd::Gid) {
-    let u = nix::unistd::User::from_name("postgres").expect("getpwnam").expect("user postgres missing (postgresql-15)");
+    let u = nix::unistd::User::from_name("postgres")
+        .expect("getpwnam")
+        .expect("user postgres missing (postgresql-15)");
     (u.uid, u.gid)
 }
 
@@ -144,7 +178,11 @@ fn as_postgres(prog: &str) -> Command {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A running postgres; dropping it (also on panic) stops it with -m immediate.
@@ -161,11 +199,26 @@ impl PgServer {
         let port = free_port();
         let log = sockdir.join("postgres.log");
         let o = format!("-k {} -p {port} -c listen_addresses=''", sockdir.display());
-        let mut s = PgServer { data: data.to_path_buf(), sockdir: sockdir.to_path_buf(), port, log, running: true };
-        let out = run(as_postgres("pg_ctl").arg("-D").arg(data).arg("-l").arg(&s.log).args(["-o", &o, "-w", "-t", "120", "start"]));
+        let mut s = PgServer {
+            data: data.to_path_buf(),
+            sockdir: sockdir.to_path_buf(),
+            port,
+            log,
+            running: true,
+        };
+        let out = run(as_postgres("pg_ctl")
+            .arg("-D")
+            .arg(data)
+            .arg("-l")
+            .arg(&s.log)
+            .args(["-o", &o, "-w", "-t", "120", "start"]));
         if !out.status.success() {
             let log = std::fs::read_to_string(&s.log).unwrap_or_default();
-            panic!("pg_ctl start failed ({}):\n{}\n--- server log ---\n{log}", out.status, text(&out));
+            panic!(
+                "pg_ctl start failed ({}):\n{}\n--- server log ---\n{log}",
+                out.status,
+                text(&out)
+            );
         }
         s.running = true;
         s
@@ -181,17 +234,27 @@ impl PgServer {
         let all = text(&out);
         if !out.status.success() {
             let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            panic!("pgbench {args:?} failed ({}):\n{all}\n--- server log ---\n{log}", out.status);
+            panic!(
+                "pgbench {args:?} failed ({}):\n{all}\n--- server log ---\n{log}",
+                out.status
+            );
         }
         all
     }
 
     fn stop(&mut self) {
         self.running = false;
-        let out = run(as_postgres("pg_ctl").arg("-D").arg(&self.data).args(["stop", "-m", "fast", "-w", "-t", "120"]));
+        let out = run(as_postgres("pg_ctl")
+            .arg("-D")
+            .arg(&self.data)
+            .args(["stop", "-m", "fast", "-w", "-t", "120"]));
         if !out.status.success() {
             let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            panic!("pg_ctl stop failed ({}):\n{}\n--- server log ---\n{log}", out.status, text(&out));
+            panic!(
+                "pg_ctl stop failed ({}):\n{}\n--- server log ---\n{log}",
+                out.status,
+                text(&out)
+            );
         }
     }
 }
@@ -199,7 +262,11 @@ impl PgServer {
 impl Drop for PgServer {
     fn drop(&mut self) {
         if self.running {
-            let _ = as_postgres("pg_ctl").arg("-D").arg(&self.data).args(["stop", "-m", "immediate", "-w"]).output();
+            let _ = as_postgres("pg_ctl")
+                .arg("-D")
+                .arg(&self.data)
+                .args(["stop", "-m", "immediate", "-w"])
+                .output();
         }
     }
 }
@@ -210,7 +277,9 @@ fn pgbench_on(data: &Path, label: &str) -> f64 {
     let sock = open_tempdir();
     std::fs::set_permissions(sock.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
     let t0 = Instant::now();
-    ok(as_postgres("initdb").args(["-k", "-A", "trust", "-U", "postgres", "-D"]).arg(data));
+    ok(as_postgres("initdb")
+        .args(["-k", "-A", "trust", "-U", "postgres", "-D"])
+        .arg(data));
     let t_initdb = t0.elapsed().as_secs_f64();
     let mut pg = PgServer::start(data, sock.path());
     let t1 = Instant::now();
@@ -218,7 +287,11 @@ fn pgbench_on(data: &Path, label: &str) -> f64 {
     let t_init = t1.elapsed().as_secs_f64();
     let out = pg.pgbench(&["-c", "4", "-j", "2", "-T", "30"]);
     if let Some(l) = out.lines().find(|l| l.contains("number of failed transactions")) {
-        let n = l.split(':').nth(1).and_then(|v| v.split_whitespace().next()).map(|v| v.parse::<u64>().expect("failed count"));
+        let n = l
+            .split(':')
+            .nth(1)
+            .and_then(|v| v.split_whitespace().next())
+            .map(|v| v.parse::<u64>().expect("failed count"));
         assert_eq!(n, Some(0), "{label}: pgbench reported failed transactions:\n{out}");
     }
     let processed = out
@@ -250,7 +323,9 @@ fn chown_postgres_0700(dir: &Path) {
 
 #[test]
 fn postgres_pgbench_non_root() {
-    let Some(mut m) = Mounted::new("postgres_pgbench_non_root", "allow_other") else { return };
+    let Some(mut m) = Mounted::new("postgres_pgbench_non_root", "allow_other") else {
+        return;
+    };
     chown_postgres_0700(&m.mnt);
     let t0 = Instant::now();
     let tps_fuse = pgbench_on(&m.mnt, "mirrorfs");
@@ -262,8 +337,17 @@ fn postgres_pgbench_non_root() {
     for side in [&m.primary, &m.mirror] {
         let out = run(as_postgres("pg_checksums").arg("--check").arg("-D").arg(side));
         let all = text(&out);
-        assert!(out.status.success(), "pg_checksums --check -D {} failed ({}):\n{all}", side.display(), out.status);
-        assert!(all.contains("Bad checksums:  0"), "pg_checksums on {}:\n{all}", side.display());
+        assert!(
+            out.status.success(),
+            "pg_checksums --check -D {} failed ({}):\n{all}",
+            side.display(),
+            out.status
+        );
+        assert!(
+            all.contains("Bad checksums:  0"),
+            "pg_checksums on {}:\n{all}",
+            side.display()
+        );
     }
 
     // The same workload on a plain directory, for comparison.
@@ -272,7 +356,10 @@ fn postgres_pgbench_non_root() {
     std::fs::create_dir(&data).unwrap();
     chown_postgres_0700(&data);
     let tps_native = pgbench_on(&data, "native");
-    println!("pgbench tps: mirrorfs={tps_fuse:.1} native={tps_native:.1} ratio={:.2}", tps_fuse / tps_native);
+    println!(
+        "pgbench tps: mirrorfs={tps_fuse:.1} native={tps_native:.1} ratio={:.2}",
+        tps_fuse / tps_native
+    );
     println!("postgres on mirrorfs: {t_fuse:.1} s");
     m.finish();
 }
@@ -295,15 +382,26 @@ fn sqlite3(db: &Path, sql: &str) -> String {
     let out = child.wait_with_output().expect("sqlite3");
     writer.join().unwrap().expect("write to sqlite3");
     let all = text(&out);
-    assert!(out.status.success(), "sqlite3 {} failed ({}):\n{all}", db.display(), out.status);
-    assert!(out.stderr.is_empty(), "sqlite3 {} wrote to stderr:\n{all}", db.display());
+    assert!(
+        out.status.success(),
+        "sqlite3 {} failed ({}):\n{all}",
+        db.display(),
+        out.status
+    );
+    assert!(
+        out.stderr.is_empty(),
+        "sqlite3 {} wrote to stderr:\n{all}",
+        db.display()
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// 10,000 single-row autocommit transactions in `mode`, then checks.
 fn sqlite_workload(test: &str, mode: &str) {
     const ROWS: u32 = 10_000;
-    let Some(mut m) = Mounted::new(test, "allow_other") else { return };
+    let Some(mut m) = Mounted::new(test, "allow_other") else {
+        return;
+    };
     let db = m.path("test.db");
     let mut script = format!(
         "PRAGMA journal_mode={mode};\n\
@@ -312,7 +410,10 @@ fn sqlite_workload(test: &str, mode: &str) {
          CREATE INDEX t_v ON t(v);\n"
     );
     for i in 0..ROWS {
-        script.push_str(&format!("INSERT INTO t(v, n) VALUES('row-{i:05}-{}', {i});\n", "x".repeat((i % 97) as usize)));
+        script.push_str(&format!(
+            "INSERT INTO t(v, n) VALUES('row-{i:05}-{}', {i});\n",
+            "x".repeat((i % 97) as usize)
+        ));
     }
     let t0 = Instant::now();
     let out = sqlite3(&db, &script);
@@ -334,7 +435,10 @@ fn sqlite_workload(test: &str, mode: &str) {
     m.unmount();
     m.assert_identical();
     let uri = format!("file:{}?immutable=1", m.primary.join("test.db").display());
-    let out = sqlite3(Path::new(&uri), "PRAGMA integrity_check;\nSELECT count(*), sum(n) FROM t;\n");
+    let out = sqlite3(
+        Path::new(&uri),
+        "PRAGMA integrity_check;\nSELECT count(*), sum(n) FROM t;\n",
+    );
     assert_eq!(out.trim(), format!("ok\n{ROWS}|{sum}"), "primary side");
     m.finish();
 }
