@@ -42,14 +42,19 @@ pub fn random_id() -> io::Result<String> {
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
-pub fn read_identity(side_root: &Path) -> io::Result<Option<Identity>> {
-    match fs::read(meta_dir(side_root).join(IDENTITY)) {
+/// Reads `.mirrorfs/<name>` as JSON; a missing file is `None`.
+fn read_json<T: serde::de::DeserializeOwned>(side_root: &Path, name: &str) -> io::Result<Option<T>> {
+    match fs::read(meta_dir(side_root).join(name)) {
         Ok(bytes) => serde_json::from_slice(&bytes)
             .map(Some)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{META_DIR}/{IDENTITY}: {e}"))),
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{META_DIR}/{name}: {e}"))),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e),
     }
+}
+
+pub fn read_identity(side_root: &Path) -> io::Result<Option<Identity>> {
+    read_json(side_root, IDENTITY)
 }
 
 /// Writes a file durably: temp file, fsync, rename, fsync of the directory.
@@ -143,13 +148,7 @@ pub fn record_stale(survivor_root: &Path, stale: Side, op: &str, errno: &str) ->
 }
 
 pub fn read_stale(side_root: &Path) -> io::Result<Option<PeerStale>> {
-    match fs::read(meta_dir(side_root).join(STATE)) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{META_DIR}/{STATE}: {e}"))),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e),
-    }
+    read_json(side_root, STATE)
 }
 
 /// The side that must not be served because its peer recorded it stale.
