@@ -310,7 +310,6 @@ fn serve(p: Prepared, ready: &mut Option<File>) -> Result<(), Failure> {
         engine.clone(),
         FsConfig {
             read_only: opts.read_only,
-            threads: FUSE_THREADS,
         },
     )
     .map_err(|e| rt("reading the root", &e))?;

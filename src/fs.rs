@@ -153,7 +153,6 @@ enum Target {
 #[derive(Clone, Copy, Debug)]
 pub struct FsConfig {
     pub read_only: bool,
-    pub threads: usize,
 }
 
 pub struct MirrorFs {

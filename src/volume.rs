@@ -233,7 +233,7 @@ impl Volume {
     /// a set-group-ID parent, as the kernel would do for the caller. chown by
     /// root clears the set-ID bits of a regular file, so they are put back.
     fn give_to(&self, dir: RawFd, name: &CStr, fd: Option<BorrowedFd<'_>>, mode: u32, owner: Owner) -> io::Result<()> {
-        // SAFETY: getuid has no failure mode.
+        // SAFETY: geteuid has no failure mode.
         if unsafe { libc::geteuid() } != 0 {
             return Ok(());
         }
