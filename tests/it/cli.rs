@@ -142,3 +142,22 @@ fn mount_helper_name_takes_fstab_arguments() {
     }
     assert!(live);
 }
+
+#[test]
+fn read_only_mount_serves_one_side_and_refuses_writes() {
+    let Some(mut m) = Mounted::new("read_only_mount_serves_one_side_and_refuses_writes", "") else {
+        return;
+    };
+    std::fs::write(m.path("kept"), b"data").unwrap();
+    m.unmount();
+    m.assert_identical();
+    // The mirror is gone: a read-only mount needs no option for that.
+    std::fs::rename(&m.mirror, m.dir.path().join("mirror.away")).unwrap();
+    m.try_remount("ro").expect("read-only mount with the mirror missing");
+    let read = std::fs::read(m.path("kept"));
+    let write = std::fs::write(m.path("new"), b"x");
+    m.unmount();
+    assert_eq!(read.unwrap(), b"data");
+    assert_eq!(write.unwrap_err().raw_os_error(), Some(libc::EROFS));
+    assert!(!m.primary.join("new").exists());
+}
