@@ -370,42 +370,17 @@ impl Volume {
     pub fn getxattr(&self, rel: &Path, name: &OsStr, size: usize) -> io::Result<(Vec<u8>, usize)> {
         let n = cstr(name)?;
         self.with_proc_path(rel, |p| {
-            let mut buf = vec![0u8; size];
-            // SAFETY: buf is valid for size bytes (a null pointer with size 0 asks for the size).
-            let got = cvt_size(unsafe {
-                libc::getxattr(
-                    p.as_ptr(),
-                    n.as_ptr(),
-                    if size == 0 {
-                        std::ptr::null_mut()
-                    } else {
-                        buf.as_mut_ptr().cast()
-                    },
-                    size,
-                )
-            })?;
-            buf.truncate(got.min(size));
-            Ok((buf, got))
+            // SAFETY: valid C strings; `sized` passes a buffer valid for `len` bytes.
+            sized(size, |buf, len| unsafe {
+                libc::getxattr(p.as_ptr(), n.as_ptr(), buf, len)
+            })
         })
     }
 
     pub fn listxattr(&self, rel: &Path, size: usize) -> io::Result<(Vec<u8>, usize)> {
         self.with_proc_path(rel, |p| {
-            let mut buf = vec![0u8; size];
             // SAFETY: as for getxattr.
-            let got = cvt_size(unsafe {
-                libc::listxattr(
-                    p.as_ptr(),
-                    if size == 0 {
-                        std::ptr::null_mut()
-                    } else {
-                        buf.as_mut_ptr().cast()
-                    },
-                    size,
-                )
-            })?;
-            buf.truncate(got.min(size));
-            Ok((buf, got))
+            sized(size, |buf, len| unsafe { libc::listxattr(p.as_ptr(), buf.cast(), len) })
         })
     }
 
@@ -436,6 +411,21 @@ impl Volume {
         let fd = self.open_file(rel, libc::O_RDONLY)?;
         fsync(fd.as_fd(), datasync)
     }
+}
+
+/// Runs an xattr-style call that fills a buffer of `size` bytes, or with a
+/// null buffer and size 0 only reports the size. Returns the bytes and the
+/// size the call reported.
+fn sized(size: usize, call: impl FnOnce(*mut libc::c_void, usize) -> isize) -> io::Result<(Vec<u8>, usize)> {
+    let mut buf = vec![0u8; size];
+    let ptr = if size == 0 {
+        std::ptr::null_mut()
+    } else {
+        buf.as_mut_ptr().cast()
+    };
+    let got = cvt_size(call(ptr, size))?;
+    buf.truncate(got.min(size));
+    Ok((buf, got))
 }
 
 fn chmod_at(dir: RawFd, name: &CStr, mode: u32) -> io::Result<()> {

@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use crate::common::{BIN, Mounted, fuse_available, is_mounted, ok, open_tempdir, run};
+use crate::common::{BIN, Mounted, fuse_available, is_mounted, ok, open_tempdir, run, unmount_or_detach};
 
 fn mount_refusal(spec: &str, mnt: &str, opts: &str, cwd: &std::path::Path) -> (i32, String) {
     let mut c = Command::new(BIN);
@@ -70,10 +70,7 @@ fn background_mount_is_live_when_the_command_returns() {
     // No waiting: the mount must already answer.
     let live = is_mounted(&mnt);
     let wrote = std::fs::write(mnt.join("hello"), b"world");
-    let unmounted = run(Command::new(BIN).arg("unmount").arg(&mnt));
-    if is_mounted(&mnt) {
-        let _ = Command::new("umount").arg("-l").arg(&mnt).status();
-    }
+    let unmounted = unmount_or_detach(&mnt);
     assert!(live, "not mounted when mount returned");
     wrote.expect("write through a fresh background mount");
     assert!(
@@ -136,10 +133,7 @@ fn mount_helper_name_takes_fstab_arguments() {
         .arg(&mnt)
         .args(["-o", "rw,create,nofail"]));
     let live = is_mounted(&mnt);
-    let _ = run(Command::new(BIN).arg("unmount").arg(&mnt));
-    if is_mounted(&mnt) {
-        let _ = Command::new("umount").arg("-l").arg(&mnt).status();
-    }
+    unmount_or_detach(&mnt);
     assert!(live);
 }
 

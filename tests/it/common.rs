@@ -57,6 +57,16 @@ pub fn is_mounted(mnt: &Path) -> bool {
         .any(|l| l.split(' ').nth(4) == Some(mnt.to_str().unwrap_or("")))
 }
 
+/// Unmounts a mount this test made in the background, detaching it if
+/// `mirrorfs unmount` could not; returns the output of `mirrorfs unmount`.
+pub fn unmount_or_detach(mnt: &Path) -> Output {
+    let out = run(Command::new(BIN).arg("unmount").arg(mnt));
+    if is_mounted(mnt) {
+        let _ = Command::new("umount").arg("-l").arg(mnt).status();
+    }
+    out
+}
+
 /// A mirrorfs mount over `<tmp>/primary|<tmp>/mirror` at `<tmp>/mnt`, served
 /// by a foreground daemon that this fixture started and ends.
 pub struct Mounted {
