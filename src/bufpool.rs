@@ -1,8 +1,8 @@
-//! A small pool of byte buffers for the copies of write data that the
-//! mirror's half of a write needs, so a write allocates nothing in the
+//! A small pool of byte buffers for write data handed to the side lanes and
+//! for read results coming back from them, so that neither allocates in the
 //! steady state.
 
-use std::ops::Deref;
+use std::ops::{Deref, DerefMut};
 use std::sync::Mutex;
 
 /// At most this many idle buffers are kept.
@@ -22,12 +22,30 @@ impl PooledBuf {
         buf.extend_from_slice(data);
         PooledBuf { buf }
     }
+
+    /// A zero-filled buffer of `len` bytes, e.g. for a read.
+    pub fn zeroed(len: usize) -> PooledBuf {
+        let mut buf = POOL.lock().unwrap_or_else(|e| e.into_inner()).pop().unwrap_or_default();
+        buf.clear();
+        buf.resize(len, 0);
+        PooledBuf { buf }
+    }
+
+    pub fn truncate(&mut self, len: usize) {
+        self.buf.truncate(len);
+    }
 }
 
 impl Deref for PooledBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
         &self.buf
+    }
+}
+
+impl DerefMut for PooledBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.buf
     }
 }
 

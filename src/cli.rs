@@ -4,11 +4,32 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+use crate::spec::Side;
+
 pub const EXIT_CODES: &str = "\
 Exit codes:
   0  success
   1  the command could not be carried out (mount failed, side in use, ...)
-  2  usage error: bad arguments, options or PRIMARY|MIRROR spec";
+  2  usage error: bad arguments, options or PRIMARY|MIRROR spec
+
+Exit codes of `mirrorfs status` (monitoring-plugin convention):
+  0  HEALTHY
+  1  RESYNCING, or a side OFF (mirrors=off)
+  2  DEGRADED (a side DOWN) or SPLIT
+  3  unknown: not a mirrorfs mount, or no daemon answering";
+
+const MOUNT_OPTIONS: &str = "\
+Options (-o, comma-separated):
+  create             create missing backing directories and the mountpoint
+  ro                 read-only; allowed with one side missing
+  allow_other        let other users (e.g. a database user) use the mount
+  fsname=NAME        the source name shown in the mount table
+  mirror_skip        start even if one side is missing, unusable or stale
+  noswitch           fail-stop: a side failure gives the caller EIO
+  mirrors=off        run on the primary alone
+  side_timeout=S     a side that does not answer within S seconds goes down (30)
+  probe_interval=S   how often a down side is probed (5)
+  hook=PROGRAM       run PROGRAM for each event, the event as JSON on stdin";
 
 #[derive(Debug, Parser)]
 #[command(name = "mirrorfs", version, about = "Mirror every change to a PRIMARY|MIRROR pair of directories", after_help = EXIT_CODES)]
@@ -20,7 +41,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand, PartialEq, Eq)]
 pub enum Command {
     /// Mount 'PRIMARY|MIRROR' on MOUNTPOINT; returns once the mount is live.
-    #[command(after_help = "Options (-o, comma-separated): create, ro, allow_other, fsname=NAME")]
+    #[command(after_help = MOUNT_OPTIONS)]
     Mount {
         /// Stay in the foreground (the form for systemd).
         #[arg(short, long)]
@@ -34,6 +55,30 @@ pub enum Command {
     },
     /// Unmount a mirrorfs mount and wait for its daemon to finish.
     Unmount { mountpoint: PathBuf },
+    /// Show the state of a mount's sides, or of every mirrorfs mount.
+    #[command(after_help = EXIT_CODES)]
+    Status {
+        /// One JSON object (an array without MOUNTPOINT).
+        #[arg(long)]
+        json: bool,
+        mountpoint: Option<PathBuf>,
+    },
+    /// Print a mount's event log.
+    Events {
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+        /// Keep printing new events as they happen.
+        #[arg(long)]
+        follow: bool,
+        mountpoint: PathBuf,
+    },
+    /// Take a side out of service by hand (needs root or the user who mounted).
+    Fail {
+        mountpoint: PathBuf,
+        /// primary or mirror.
+        side: Side,
+    },
 }
 
 /// Translates the argument list of a mount helper (`mount.fuse.mirrorfs SPEC
@@ -76,6 +121,36 @@ mod tests {
                 mountpoint: "/mnt".into()
             }
         );
+    }
+
+    #[test]
+    fn parses_status_events_and_fail() {
+        let c = Cli::try_parse_from(["mirrorfs", "status", "--json"]).unwrap();
+        assert_eq!(
+            c.command,
+            Command::Status {
+                json: true,
+                mountpoint: None
+            }
+        );
+        let c = Cli::try_parse_from(["mirrorfs", "events", "--follow", "/mnt"]).unwrap();
+        assert_eq!(
+            c.command,
+            Command::Events {
+                json: false,
+                follow: true,
+                mountpoint: "/mnt".into()
+            }
+        );
+        let c = Cli::try_parse_from(["mirrorfs", "fail", "/mnt", "mirror"]).unwrap();
+        assert_eq!(
+            c.command,
+            Command::Fail {
+                mountpoint: "/mnt".into(),
+                side: Side::Mirror
+            }
+        );
+        assert!(Cli::try_parse_from(["mirrorfs", "fail", "/mnt", "both"]).is_err());
     }
 
     #[test]

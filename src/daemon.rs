@@ -14,20 +14,24 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime};
 
 use nix::sys::signal::{SigSet, Signal};
 
+use crate::control::{self, Control};
+use crate::events::{Event, Events, Kind};
 use crate::fs::{FsConfig, MirrorFs};
+use crate::health::{Health, Probe, SideState, errno_name};
 use crate::meta;
-use crate::mirror::Engine;
+use crate::mirror::{Engine, EngineConfig, Policy};
 use crate::spec::{MountSpec, Options, Side};
 use crate::volume::Volume;
 
 /// FUSE threads serving requests; each has its own /dev/fuse fd.
 pub const FUSE_THREADS: usize = 8;
-/// Threads carrying the mirror's half of each change.
-pub const MIRROR_THREADS: usize = 8;
+/// Worker threads of each side's lane.
+pub const SIDE_THREADS: usize = 8;
 
 pub const RUN_DIR: &str = "/run/mirrorfs";
 
@@ -38,12 +42,22 @@ pub enum Failure {
     Usage(String),
     /// The command could not be carried out: exit 1.
     Runtime(String),
+    /// Not a mirrorfs mount, or no daemon answering: exit 3 (status).
+    Unknown(String),
 }
 
 impl Failure {
     pub fn message(&self) -> &str {
         match self {
-            Failure::Usage(m) | Failure::Runtime(m) => m,
+            Failure::Usage(m) | Failure::Runtime(m) | Failure::Unknown(m) => m,
+        }
+    }
+
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Failure::Usage(_) => 2,
+            Failure::Runtime(_) => 1,
+            Failure::Unknown(_) => control::EXIT_UNKNOWN,
         }
     }
 }
@@ -101,12 +115,31 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
         .collect()
 }
 
+/// Why a side is out of service from the start of a mount.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Absent {
+    /// Missing or unusable, with this errno (`mirror_skip`, or `ro`).
+    Unusable(i32),
+    /// Its peer records it as stale: it missed changes.
+    Stale,
+    /// `mirrors=off`.
+    Off,
+}
+
 /// Everything checked and opened before the daemon starts serving.
 struct Prepared {
     spec: MountSpec,
     opts: Options,
     vols: [Option<Volume>; 2],
+    absent: [Option<Absent>; 2],
     _locks: Vec<meta::SideLock>,
+}
+
+/// True if the side's tree holds anything besides mirrorfs's own directory.
+fn holds_data(root: &Path) -> bool {
+    fs::read_dir(root)
+        .map(|mut d| d.any(|e| e.map(|e| e.file_name() != crate::volume::META_DIR).unwrap_or(true)))
+        .unwrap_or(true)
 }
 
 fn prepare(spec: &str, mountpoint: &Path, opts: Options) -> Result<Prepared, Failure> {
@@ -120,42 +153,91 @@ fn prepare(spec: &str, mountpoint: &Path, opts: Options) -> Result<Prepared, Fai
             spec.mountpoint.display()
         )));
     }
+    // A side may be left out when the options allow it; `skip` says whether.
+    let skip = opts.read_only || opts.mirror_skip;
     let mut vols = [None, None];
+    let mut absent = [None, None];
     for side in Side::BOTH {
         let path = spec.side(side);
+        if side == Side::Mirror && opts.mirrors_off {
+            absent[side.index()] = Some(Absent::Off);
+            continue;
+        }
         match Volume::open(side, path) {
             Ok(v) => vols[side.index()] = Some(v),
-            Err(e) if opts.read_only => log::warn!(
-                "side={side} path={} unusable, read-only mount goes on without it: {e}",
-                path.display()
-            ),
-            Err(e) => return Err(Failure::Runtime(format!("{side} {}: {e}", path.display()))),
+            Err(e) if skip => {
+                log::warn!("side={side} path={} unusable, starting without it: {e}", path.display());
+                absent[side.index()] = Some(Absent::Unusable(e.raw_os_error().unwrap_or(libc::EIO)));
+            }
+            Err(e) => {
+                return Err(Failure::Runtime(format!(
+                    "{side} {}: {e}: use -o mirror_skip to start without it",
+                    path.display()
+                )));
+            }
         }
     }
-    let roots = [0, 1].map(|i| vols[i].as_ref().map(|v: &Volume| v.path.as_path()));
-    if let Some((stale, rec)) = meta::stale_side(roots).map_err(Failure::Runtime)? {
-        if !opts.read_only {
+    let roots = |vols: &[Option<Volume>; 2]| [0, 1].map(|i| vols[i].as_ref().map(|v: &Volume| v.path.clone()));
+    let r = roots(&vols);
+    let stale = meta::stale_side([r[0].as_deref(), r[1].as_deref()]).map_err(Failure::Runtime)?;
+    if let Some((stale, rec)) = stale
+        && vols[stale.index()].is_some()
+    {
+        if !skip {
             return Err(Failure::Runtime(format!(
-                "the {stale} is stale: it was taken out of service at {} (op={} {}) and this version cannot resync it; see README \"Recovery\"",
-                rec.since, rec.op, rec.errno
+                "the {stale} is stale: it was taken out of service at {} (op={} {}) and has missed changes since; \
+                 use -o mirror_skip to run on the {} alone, and see README \"Recovery\"",
+                rec.since,
+                rec.op,
+                rec.errno,
+                stale.other()
             )));
         }
-        log::warn!("side={stale} is stale: the read-only mount goes on without it");
+        log::warn!("side={stale} is stale: the mount goes on without it");
         vols[stale.index()] = None;
+        absent[stale.index()] = Some(Absent::Stale);
     }
-    let roots = [0, 1].map(|i| vols[i].as_ref().map(|v: &Volume| v.path.as_path()));
+    if vols.iter().all(Option::is_none) {
+        return Err(Failure::Runtime("no side can be served".into()));
+    }
+    let r = roots(&vols);
+    let r = [r[0].as_deref(), r[1].as_deref()];
     let mut locks = Vec::new();
     if opts.read_only {
         for side in Side::BOTH {
-            if let Some(root) = roots[side.index()] {
+            if let Some(root) = r[side.index()] {
                 meta::read_identity(root).map_err(|e| Failure::Runtime(format!("{side} {}: {e}", root.display())))?;
             }
         }
     } else {
-        meta::ensure_identities(roots).map_err(Failure::Runtime)?;
+        let had = r.map(|root| root.is_some_and(|root| matches!(meta::read_identity(root), Ok(Some(_)))));
+        meta::ensure_identities(r).map_err(Failure::Runtime)?;
+        // A side new to a pair whose other side holds data has missed all
+        // of it: it is stale until it is caught up.
         for side in Side::BOTH {
-            if let Some(root) = roots[side.index()] {
-                locks.push(meta::lock_side(side, root).map_err(Failure::Runtime)?);
+            let (me, peer) = (r[side.index()], r[side.other().index()]);
+            if let (Some(_), Some(peer)) = (me, peer)
+                && !had[side.index()]
+                && had[side.other().index()]
+                && holds_data(peer)
+            {
+                meta::record_stale(peer, side, "join", "ENODATA")
+                    .map_err(|e| Failure::Runtime(format!("recording the new {side} as stale: {e}")))?;
+                if !opts.mirror_skip {
+                    return Err(Failure::Runtime(format!(
+                        "the {side} is new to this pair and lacks the {}'s data: \
+                         use -o mirror_skip to run on the {} alone, and see README \"Recovery\"",
+                        side.other(),
+                        side.other()
+                    )));
+                }
+                vols[side.index()] = None;
+                absent[side.index()] = Some(Absent::Stale);
+            }
+        }
+        for side in Side::BOTH {
+            if let Some(v) = &vols[side.index()] {
+                locks.push(meta::lock_side(side, &v.path).map_err(Failure::Runtime)?);
             }
         }
     }
@@ -163,6 +245,7 @@ fn prepare(spec: &str, mountpoint: &Path, opts: Options) -> Result<Prepared, Fai
         spec,
         opts,
         vols,
+        absent,
         _locks: locks,
     })
 }
@@ -273,11 +356,34 @@ fn kernel_mount(spec: &MountSpec, opts: &Options) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// The options as given, for status and the `mounted` event.
+fn describe(opts: &Options) -> String {
+    let mut v = Vec::new();
+    for (name, on) in [
+        ("ro", opts.read_only),
+        ("allow_other", opts.allow_other),
+        ("mirror_skip", opts.mirror_skip),
+        ("noswitch", opts.noswitch),
+        ("mirrors=off", opts.mirrors_off),
+    ] {
+        if on {
+            v.push(name.to_string());
+        }
+    }
+    v.push(format!("side_timeout={}", opts.side_timeout.as_secs_f64()));
+    v.push(format!("probe_interval={}", opts.probe_interval.as_secs_f64()));
+    if let Some(h) = &opts.hook {
+        v.push(format!("hook={}", h.display()));
+    }
+    v.join(",")
+}
+
 fn serve(p: Prepared, ready: &mut Option<File>) -> Result<(), Failure> {
     let Prepared {
         spec,
         opts,
         vols,
+        absent,
         _locks,
     } = p;
     let rt = |what: &str, e: &dyn std::fmt::Display| Failure::Runtime(format!("{what}: {e}"));
@@ -291,14 +397,47 @@ fn serve(p: Prepared, ready: &mut Option<File>) -> Result<(), Failure> {
     // SAFETY: umask has no failure mode. Modes come from the caller's request.
     unsafe { libc::umask(0) };
 
+    let health = Arc::new(Health::default());
+    for side in Side::BOTH {
+        let (state, errno, op) = match absent[side.index()] {
+            None => continue,
+            Some(Absent::Off) => (SideState::Off, None, "mirrors=off"),
+            Some(Absent::Unusable(e)) => (SideState::Down, Some(e), "mount"),
+            Some(Absent::Stale) => (SideState::Down, Some(libc::ESTALE), "mount"),
+        };
+        health.start_out_of_service(side, state, errno);
+        // The survivor records, before anything is served, that this side
+        // misses what follows; an older record is kept.
+        if !opts.read_only
+            && let Some(survivor) = &vols[side.other().index()]
+            && matches!(meta::read_stale(&survivor.path), Ok(None))
+        {
+            let errno = errno.map(errno_name).unwrap_or_else(|| "-".into());
+            meta::record_stale(&survivor.path, side, op, &errno).map_err(|e| rt("recording the absent side", &e))?;
+        }
+    }
+    // A read-only mount writes nothing to the sides, not even events.
+    let log_roots = [0, 1].map(|i| vols[i].as_ref().filter(|_| !opts.read_only).map(|v| v.path.clone()));
+    let events =
+        Arc::new(Events::start(log_roots, health.clone(), opts.hook.clone()).map_err(|e| rt("starting events", &e))?);
     let [pv, mv] = vols;
-    let mut engine = Engine::new(pv, mv, opts.side_timeout, MIRROR_THREADS).map_err(|e| rt("starting workers", &e))?;
+    let config = EngineConfig {
+        side_timeout: opts.side_timeout,
+        policy: if opts.noswitch {
+            Policy::NoSwitch
+        } else {
+            Policy::Switch
+        },
+        threads: SIDE_THREADS,
+    };
+    let mut engine = Engine::new(pv, mv, health, events.clone(), config).map_err(|e| rt("starting workers", &e))?;
     // The survivor records the failed side as stale before the failing
     // operation is answered, so a restart never serves the stale side.
     let roots = [spec.primary.clone(), spec.mirror.clone()];
     engine.set_on_down(Box::new(move |side, op, errno| {
         let survivor = &roots[side.other().index()];
-        if let Err(e) = meta::record_stale(survivor, side, op, &crate::health::errno_name(errno)) {
+        let errno = errno.map(errno_name).unwrap_or_else(|| "-".into());
+        if let Err(e) = meta::record_stale(survivor, side, op, &errno) {
             log::error!(
                 "side={side} cannot record the side as stale on {}: {e}",
                 survivor.display()
@@ -328,14 +467,52 @@ fn serve(p: Prepared, ready: &mut Option<File>) -> Result<(), Failure> {
     };
 
     let _ = fs::create_dir_all(RUN_DIR);
+    let _ = fs::set_permissions(RUN_DIR, fs::Permissions::from_mode(0o755));
     let pid_file = runtime_file(&spec.mountpoint, "pid");
     let _ = fs::write(&pid_file, format!("{}\n", std::process::id()));
+    let ctl = Arc::new(Control {
+        engine: engine.clone(),
+        spec: spec.clone(),
+        options: describe(&opts),
+        owner: nix::unistd::getuid().as_raw(),
+    });
+    let socket = match control::start(ctl) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            log::error!("control socket: {e}: status will not answer for this mount");
+            None
+        }
+    };
     log::info!(
         "mounted mountpoint={} primary={} mirror={}",
         spec.mountpoint.display(),
         spec.primary.display(),
         spec.mirror.display()
     );
+    events.emit(Event::new(Kind::Mounted).detail(format!(
+        "{} on {} ({})",
+        spec.spec_string(),
+        spec.mountpoint.display(),
+        describe(&opts)
+    )));
+    for side in Side::BOTH {
+        let errno = match absent[side.index()] {
+            Some(Absent::Unusable(e)) => Some(e),
+            Some(Absent::Stale) => Some(libc::ESTALE),
+            _ => continue,
+        };
+        let why = if errno == Some(libc::ESTALE) {
+            "stale: it missed changes"
+        } else {
+            "missing or unusable"
+        };
+        events.emit(
+            Event::new(Kind::MirrorSkip)
+                .side(side)
+                .errno(errno)
+                .detail(format!("the {side} is {why}; the mount starts without it")),
+        );
+    }
     // Closing the pipe after "ok" lets the parent exit.
     if let Some(mut pipe) = ready.take() {
         let _ = pipe.write_all(b"ok");
@@ -361,15 +538,87 @@ fn serve(p: Prepared, ready: &mut Option<File>) -> Result<(), Failure> {
             }
         })
         .map_err(|e| rt("signal thread", &e))?;
+    let prober = Prober {
+        engine: engine.clone(),
+        spec: spec.clone(),
+        timeout: opts.side_timeout,
+    };
+    let interval = opts.probe_interval;
+    std::thread::Builder::new()
+        .name("prober".into())
+        .spawn(move || prober.run(interval))
+        .map_err(|e| rt("prober thread", &e))?;
 
     let r = session.run();
+    events.emit(Event::new(Kind::Unmounted).detail(format!("divergences={}", engine.divergences())));
+    events.flush(Duration::from_secs(5));
     let _ = fs::remove_file(&pid_file);
+    if let Some(s) = socket {
+        let _ = fs::remove_file(s);
+    }
     log::info!(
         "unmounted mountpoint={} divergences={}",
         spec.mountpoint.display(),
         engine.divergences()
     );
     r.map_err(|e| rt("serving", &e))
+}
+
+/// Probes every side that is down, every `probe_interval`, to see whether
+/// it answers again: its root opens, and a file in its `.mirrorfs` can be
+/// written, synced and removed. A probe that hangs holds only its own
+/// thread, and no second probe of that side starts until it returns.
+struct Prober {
+    engine: Arc<Engine>,
+    spec: MountSpec,
+    timeout: Duration,
+}
+
+impl Prober {
+    fn run(self, interval: Duration) {
+        let busy = [Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false))];
+        loop {
+            std::thread::sleep(interval);
+            for side in Side::BOTH {
+                if self.engine.health.state(side) != SideState::Down || busy[side.index()].swap(true, Ordering::AcqRel)
+                {
+                    continue;
+                }
+                let (tx, rx) = crossbeam_channel::bounded(1);
+                let path = self.spec.side(side).to_path_buf();
+                let flag = busy[side.index()].clone();
+                let started = std::thread::Builder::new()
+                    .name(format!("probe-{side}"))
+                    .spawn(move || {
+                        let r = Volume::open(side, &path).and_then(|v| v.probe());
+                        let _ = tx.send(r);
+                        flag.store(false, Ordering::Release);
+                    });
+                if started.is_err() {
+                    busy[side.index()].store(false, Ordering::Release);
+                    continue;
+                }
+                let errno = match rx.recv_timeout(self.timeout) {
+                    Ok(Ok(())) => None,
+                    Ok(Err(e)) => Some(e.raw_os_error().unwrap_or(libc::EIO)),
+                    Err(_) => Some(libc::ETIMEDOUT),
+                };
+                let prev = self.engine.health.set_probe(
+                    side,
+                    Probe {
+                        at: SystemTime::now(),
+                        errno,
+                    },
+                );
+                if prev.map(|p| p.errno.is_none()) != Some(errno.is_none()) {
+                    match errno {
+                        None => log::info!("side={side} answers its probe again; it stays down until it is resynced"),
+                        Some(e) => log::info!("side={side} probe failed errno={}", errno_name(e)),
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Unmounts; a busy mount is detached so it ends when its last user leaves.

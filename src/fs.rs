@@ -6,7 +6,6 @@
 //! `Reply*`. Which side answers and what a side failure does are the
 //! engine's business (`mirror::resolve`).
 
-use std::cell::RefCell;
 use std::ffi::OsStr;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
@@ -22,7 +21,7 @@ use fuser::{
 };
 
 use crate::bufpool::PooledBuf;
-use crate::mirror::Engine;
+use crate::mirror::{Engine, Subject};
 use crate::nodes::{Handles, Key, Nodes, OpenDir, OpenFile, ROOT};
 use crate::spec::Side;
 use crate::volume::{self, META_DIR, Owner, SetTime, Stat, Volume};
@@ -31,13 +30,11 @@ use crate::volume::{self, META_DIR, Owner, SetTime, Stat, Volume};
 /// only writer of its backing trees, so a short cache is safe.
 const TTL: Duration = Duration::from_secs(1);
 
+/// How long statfs waits for the side that does not answer it.
+const STATFS_PEEK: Duration = Duration::from_secs(1);
+
 /// The largest write the kernel sends in one request.
 pub const MAX_WRITE: u32 = 1 << 20;
-
-thread_local! {
-    /// Per-thread read buffer, reused by every read this thread serves.
-    static READ_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-}
 
 fn errno(e: &io::Error) -> Errno {
     Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))
@@ -157,7 +154,7 @@ pub struct FsConfig {
 
 pub struct MirrorFs {
     engine: Arc<Engine>,
-    nodes: Nodes,
+    nodes: Arc<Nodes>,
     files: Handles<OpenFile>,
     dirs: Handles<OpenDir>,
     config: FsConfig,
@@ -167,8 +164,11 @@ impl MirrorFs {
     pub fn new(engine: Arc<Engine>, config: FsConfig) -> io::Result<MirrorFs> {
         let side = engine.reader();
         let st = engine.volume(side)?.lstat(Path::new(""))?;
+        let nodes = Arc::new(Nodes::new(key(side, &st)));
+        let n = nodes.clone();
+        engine.set_resolver(Box::new(move |ino| n.path(ino).ok()));
         Ok(MirrorFs {
-            nodes: Nodes::new(key(side, &st)),
+            nodes,
             engine,
             files: Handles::default(),
             dirs: Handles::default(),
@@ -224,18 +224,23 @@ impl MirrorFs {
 
     fn do_lookup(&self, parent: u64, name: &OsStr) -> io::Result<FileAttr> {
         let path = self.existing_path(parent, name)?;
-        let (side, st) = self
-            .engine
-            .read("lookup", &path, |side, v| v.lstat(&path).map(|st| (side, st)))?;
+        let p = path.clone();
+        let (side, st) = self.engine.read("lookup", Subject::Path(&path), move |side, v| {
+            v.lstat(&p).map(|st| (side, st))
+        })?;
         Ok(self.entry(parent, name, side, &st))
     }
 
     fn do_getattr(&self, ino: u64, fh: Option<FileHandle>) -> io::Result<FileAttr> {
         let st = match self.target(ino, fh)? {
-            Target::File(f) => self
-                .engine
-                .read("getattr", Path::new(""), |side, _| volume::fstat(f.fd(side)?))?,
-            Target::Path(p) => self.engine.read("getattr", &p, |_, v| v.lstat(&p))?,
+            Target::File(f) => self.engine.read("getattr", Subject::Inode(ino), move |side, _| {
+                volume::fstat(f.fd(side)?)
+            })?,
+            Target::Path(p) => {
+                let q = p.clone();
+                self.engine
+                    .read("getattr", Subject::Path(&p), move |_, v| v.lstat(&q))?
+            }
         };
         Ok(attr(ino, &st))
     }
@@ -258,10 +263,11 @@ impl MirrorFs {
         let now = SystemTime::now();
         let (at, mt) = (set_time(atime, now), set_time(mtime, now));
         let path = match &*target {
-            Target::Path(p) => p.clone(),
-            Target::File(_) => PathBuf::new(),
+            Target::Path(p) => Some(p.clone()),
+            Target::File(_) => None,
         };
-        let st = self.engine.apply("setattr", &path, move |side, v| {
+        let subject = path.as_deref().map_or(Subject::Inode(ino), Subject::Path);
+        let st = self.engine.apply("setattr", subject, move |side, v| {
             // Owner first: chown clears set-ID bits, and an explicit mode in
             // the same request must win. Times last, after the size change
             // has touched mtime.
@@ -304,7 +310,9 @@ impl MirrorFs {
 
     fn do_readlink(&self, ino: u64) -> io::Result<Vec<u8>> {
         let p = self.nodes.path(ino)?;
-        self.engine.read("readlink", &p, |_, v| v.readlink(&p))
+        let q = p.clone();
+        self.engine
+            .read("readlink", Subject::Path(&p), move |_, v| v.readlink(&q))
     }
 
     /// Runs a create-like change on both sides and answers with the new entry.
@@ -321,7 +329,7 @@ impl MirrorFs {
             f(v, &p)?;
             v.lstat(&p)
         });
-        let side = self.engine.settle(op, &path, &pair)?;
+        let side = self.engine.settle(op, Subject::Path(&path), &pair)?;
         let st = pair.take_ok(side).ok_or_else(|| err(libc::EIO))?;
         Ok(self.entry(parent, name, side, &st))
     }
@@ -331,8 +339,13 @@ impl MirrorFs {
         let path = self.existing_path(parent, name)?;
         let p = path.clone();
         let op = if dir { "rmdir" } else { "unlink" };
-        self.engine
-            .apply(op, &path, move |_, v| if dir { v.rmdir(&p) } else { v.unlink(&p) })?;
+        self.engine.apply(
+            op,
+            Subject::Path(&path),
+            move |_, v| {
+                if dir { v.rmdir(&p) } else { v.unlink(&p) }
+            },
+        )?;
         self.nodes.unlinked(parent, name);
         Ok(())
     }
@@ -346,7 +359,7 @@ impl MirrorFs {
         let to = self.nodes.child_path(newparent, newname)?;
         let (f, t) = (from.clone(), to.clone());
         self.engine
-            .apply("rename", &from, move |_, v| v.rename(&f, &t, flags))?;
+            .apply("rename", Subject::Path(&from), move |_, v| v.rename(&f, &t, flags))?;
         self.nodes
             .renamed(parent, name, newparent, newname, flags & libc::RENAME_EXCHANGE != 0);
         Ok(())
@@ -365,7 +378,7 @@ impl MirrorFs {
         f: impl Fn(&Volume) -> io::Result<(std::os::fd::OwnedFd, Stat)> + Send + Sync + 'static,
     ) -> io::Result<(Side, Stat, [Option<std::os::fd::OwnedFd>; 2])> {
         let mut pair = self.engine.change(move |_, v| f(v));
-        let side = self.engine.settle(op, path, &pair)?;
+        let side = self.engine.settle(op, Subject::Path(path), &pair)?;
         let mut fds = [None, None];
         let mut stat = None;
         for s in Side::BOTH {
@@ -421,39 +434,31 @@ impl MirrorFs {
         Ok((a, fh))
     }
 
-    fn do_read(&self, fh: u64, offset: u64, size: u32, reply: ReplyData) {
-        let file = match self.files.get(fh) {
-            Ok(f) => f,
-            Err(e) => return reply.error(errno(&e)),
-        };
-        READ_BUF.with(|cell| {
-            let mut buf = cell.borrow_mut();
-            let size = size as usize;
-            if buf.len() < size {
-                buf.resize(size, 0);
-            }
-            let r = self.engine.read("read", Path::new(""), |side, _| {
-                volume::pread(file.fd(side)?, &mut buf[..size], offset)
-            });
-            match r {
-                Ok(n) => reply.data(&buf[..n]),
-                Err(e) => reply.error(errno(&e)),
-            }
-        });
+    fn do_read(&self, fh: u64, offset: u64, size: u32) -> io::Result<PooledBuf> {
+        let file = self.files.get(fh)?;
+        let ino = file.ino;
+        self.engine.read("read", Subject::Inode(ino), move |side, _| {
+            let mut buf = PooledBuf::zeroed(size as usize);
+            let n = volume::pread(file.fd(side)?, &mut buf, offset)?;
+            buf.truncate(n);
+            Ok(buf)
+        })
     }
 
     fn do_write(&self, fh: u64, offset: u64, data: &[u8]) -> io::Result<u32> {
         self.writable()?;
         let file = self.files.get(fh)?;
+        let ino = file.ino;
         let mirror_file = file.clone();
-        // The mirror's half runs on another thread and may outlive this
-        // request if the mirror hangs, so it gets its own copy of the data.
-        let copy = PooledBuf::copy_of(data);
+        // Both halves run on the side lanes and may outlive this request if
+        // a side hangs, so they share one copy of the data.
+        let copy = Arc::new(PooledBuf::copy_of(data));
+        let mirror_copy = copy.clone();
         let mut pair = self.engine.change2(
-            |_| volume::pwrite_all(file.fd(Side::Primary)?, data, offset),
-            move |_| volume::pwrite_all(mirror_file.fd(Side::Mirror)?, &copy, offset),
+            move |_| volume::pwrite_all(file.fd(Side::Primary)?, &copy, offset),
+            move |_| volume::pwrite_all(mirror_file.fd(Side::Mirror)?, &mirror_copy, offset),
         );
-        let side = self.engine.settle("write", Path::new(""), &pair)?;
+        let side = self.engine.settle("write", Subject::Inode(ino), &pair)?;
         let n = pair.take_ok(side).ok_or_else(|| err(libc::EIO))?;
         Ok(n as u32)
     }
@@ -466,7 +471,9 @@ impl MirrorFs {
         f: impl Fn(&OpenFile, Side) -> io::Result<T> + Send + Sync + 'static,
     ) -> io::Result<T> {
         let file = self.files.get(fh)?;
-        self.engine.apply(op, Path::new(""), move |side, _| f(&file, side))
+        let ino = file.ino;
+        self.engine
+            .apply(op, Subject::Inode(ino), move |side, _| f(&file, side))
     }
 
     fn do_opendir(&self, ino: u64) -> io::Result<u64> {
@@ -482,7 +489,10 @@ impl MirrorFs {
         let mut entries = dir.entries.lock().unwrap_or_else(|e| e.into_inner());
         if offset == 0 {
             let p = self.nodes.path(dir.ino)?;
-            let mut list = self.engine.read("readdir", &p, |_, v| v.read_dir(&p))?;
+            let q = p.clone();
+            let mut list = self
+                .engine
+                .read("readdir", Subject::Path(&p), move |_, v| v.read_dir(&q))?;
             if dir.ino == ROOT {
                 list.retain(|e| e.name.as_bytes() != META_DIR.as_bytes());
             }
@@ -514,7 +524,10 @@ impl MirrorFs {
         let dir = self.dirs.get(fh)?;
         let entries = self.listing(&dir, offset)?;
         let dpath = self.nodes.path(dir.ino)?;
-        let dst = self.engine.read("readdirplus", &dpath, |_, v| v.lstat(&dpath))?;
+        let q = dpath.clone();
+        let dst = self
+            .engine
+            .read("readdirplus", Subject::Path(&dpath), move |_, v| v.lstat(&q))?;
         let dattr = attr(dir.ino, &dst);
         for i in offset as usize..entries.len() + 2 {
             let off = i as u64 + 1;
@@ -528,11 +541,11 @@ impl MirrorFs {
             }
             let e = &entries[i - 2];
             let p = volume::child(&dpath, &e.name);
+            let q = p.clone();
             // An entry removed since the listing was taken is skipped.
-            let Ok((side, st)) = self
-                .engine
-                .read("readdirplus", &p, |side, v| v.lstat(&p).map(|st| (side, st)))
-            else {
+            let Ok((side, st)) = self.engine.read("readdirplus", Subject::Path(&p), move |side, v| {
+                v.lstat(&q).map(|st| (side, st))
+            }) else {
                 continue;
             };
             let a = self.entry(dir.ino, &e.name, side, &st);
@@ -546,14 +559,14 @@ impl MirrorFs {
     }
 
     fn do_statfs(&self) -> io::Result<(libc::statvfs, u64, u64, u64)> {
-        let r = self.engine.reader();
-        let st = self.engine.volume(r)?.statvfs()?;
+        let root = Path::new("");
+        let (r, st) = self.engine.read("statfs", Subject::Path(root), |side, v| {
+            v.statvfs().map(|st| (side, st))
+        })?;
         let (mut bfree, mut bavail, mut ffree) = (st.f_bfree, st.f_bavail, st.f_ffree);
-        // Writes fail when either side fills up, so report the smaller free space.
-        let other = r.other();
-        if self.engine.health.is_up(other)
-            && let Ok(o) = self.engine.volume(other).and_then(|v| v.statvfs())
-        {
+        // Writes fail when either side fills up, so report the smaller free
+        // space; the other side's figure is advisory and not waited for long.
+        if let Some(o) = self.engine.peek(r.other(), STATFS_PEEK, |v| v.statvfs()) {
             let scale = |x: u64| x.saturating_mul(o.f_frsize) / st.f_frsize.max(1);
             bfree = bfree.min(scale(o.f_bfree));
             bavail = bavail.min(scale(o.f_bavail));
@@ -740,7 +753,10 @@ impl Filesystem for MirrorFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        self.do_read(fh.0, offset, size, reply);
+        match self.do_read(fh.0, offset, size) {
+            Ok(buf) => reply.data(&buf),
+            Err(e) => reply.error(errno(&e)),
+        }
     }
 
     fn write(
@@ -819,7 +835,7 @@ impl Filesystem for MirrorFs {
         let r = self.nodes.path(ino.0).and_then(|p| {
             let q = p.clone();
             self.engine
-                .apply("fsyncdir", &p, move |_, v| v.fsync_path(&q, datasync))
+                .apply("fsyncdir", Subject::Path(&p), move |_, v| v.fsync_path(&q, datasync))
         });
         reply_empty(reply, r);
     }
@@ -852,24 +868,30 @@ impl Filesystem for MirrorFs {
     ) {
         let r = self.writable().and_then(|_| self.xattr_target(ino.0)).and_then(|p| {
             let (q, name, value) = (p.clone(), name.to_os_string(), value.to_vec());
-            self.engine
-                .apply("setxattr", &p, move |_, v| v.setxattr(&q, &name, &value, flags))
+            self.engine.apply("setxattr", Subject::Path(&p), move |_, v| {
+                v.setxattr(&q, &name, &value, flags)
+            })
         });
         reply_empty(reply, r);
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let r = self.xattr_target(ino.0).and_then(|p| {
-            self.engine
-                .read("getxattr", &p, |_, v| v.getxattr(&p, name, size as usize))
+            let (q, name) = (p.clone(), name.to_os_string());
+            self.engine.read("getxattr", Subject::Path(&p), move |_, v| {
+                v.getxattr(&q, &name, size as usize)
+            })
         });
         reply_xattr(reply, size, r);
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let r = self
-            .xattr_target(ino.0)
-            .and_then(|p| self.engine.read("listxattr", &p, |_, v| v.listxattr(&p, size as usize)));
+        let r = self.xattr_target(ino.0).and_then(|p| {
+            let q = p.clone();
+            self.engine.read("listxattr", Subject::Path(&p), move |_, v| {
+                v.listxattr(&q, size as usize)
+            })
+        });
         reply_xattr(reply, size, r);
     }
 
@@ -877,7 +899,7 @@ impl Filesystem for MirrorFs {
         let r = self.writable().and_then(|_| self.xattr_target(ino.0)).and_then(|p| {
             let (q, name) = (p.clone(), name.to_os_string());
             self.engine
-                .apply("removexattr", &p, move |_, v| v.removexattr(&q, &name))
+                .apply("removexattr", Subject::Path(&p), move |_, v| v.removexattr(&q, &name))
         });
         reply_empty(reply, r);
     }
@@ -924,7 +946,8 @@ impl Filesystem for MirrorFs {
 
     fn lseek(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
         let r = self.files.get(fh.0).and_then(|f| {
-            self.engine.read("lseek", Path::new(""), |side, _| {
+            let ino = f.ino;
+            self.engine.read("lseek", Subject::Inode(ino), move |side, _| {
                 volume::lseek(f.fd(side)?, offset, whence)
             })
         });

@@ -5,7 +5,9 @@
 
 pub mod bufpool;
 pub mod cli;
+pub mod control;
 pub mod daemon;
+pub mod events;
 pub mod fs;
 pub mod health;
 pub mod meta;
@@ -44,19 +46,23 @@ pub fn run(args: Vec<String>) -> ExitCode {
             spec,
             mountpoint,
         } => match spec::Options::parse(&options) {
-            Ok(opts) => daemon::mount(&spec, &mountpoint, opts, foreground),
+            Ok(opts) => daemon::mount(&spec, &mountpoint, opts, foreground).map(|_| 0),
             Err(e) => Err(daemon::Failure::Usage(e)),
         },
-        cli::Command::Unmount { mountpoint } => daemon::unmount(&mountpoint),
+        cli::Command::Unmount { mountpoint } => daemon::unmount(&mountpoint).map(|_| 0),
+        cli::Command::Status { json, mountpoint } => control::status(mountpoint.as_deref(), json),
+        cli::Command::Events {
+            json,
+            follow,
+            mountpoint,
+        } => control::events(&mountpoint, json, follow),
+        cli::Command::Fail { mountpoint, side } => control::fail(&mountpoint, side),
     };
     match r {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(f) => {
             eprintln!("mirrorfs: {}", f.message());
-            ExitCode::from(match f {
-                daemon::Failure::Usage(_) => 2,
-                daemon::Failure::Runtime(_) => 1,
-            })
+            ExitCode::from(f.exit_code())
         }
     }
 }

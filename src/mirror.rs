@@ -1,27 +1,36 @@
 //! The mirroring engine: runs each operation on both sides concurrently,
 //! settles mixed outcomes in one place (`resolve`), and applies what that
-//! decides to the sides' health.
+//! decides to the sides' health and the event log.
 //!
-//! Owns: the worker pool that carries the mirror's half of each change, and
-//! the read failover. Knows nothing of fuser: it speaks `io::Result` with raw
-//! errnos and relative paths.
+//! Owns: one lane of worker threads per side, the deadline that turns a
+//! hung side into a failed one, read failover, and the record of diverged
+//! paths. Knows nothing of fuser: it speaks `io::Result` with raw errnos and
+//! relative paths.
 //!
-//! Concurrency: a change runs on the primary in the calling (FUSE) thread
-//! while a pool thread runs it on the mirror; the call returns once both have
-//! answered, or the mirror has exceeded `side_timeout`. Ordering between two
-//! changes to the same object is the kernel's: it serialises writes to an
-//! inode and namespace changes in a directory before they reach us.
+//! Concurrency: every side call runs on that side's lane, never in the FUSE
+//! thread, which only waits. So a side that hangs holds up only its own
+//! lane: once `side_timeout` has passed with the other side answered, the
+//! hung side is marked down and the caller is answered from the survivor.
+//! The last side up has no deadline: its slowness is the caller's, as with
+//! any single disk. Ordering between two changes to the same object is the
+//! kernel's: it serialises writes to an inode and namespace changes in a
+//! directory before they reach us.
+//!
+//! Lock order: `transition` is taken before `Health`'s own lock, and never
+//! while waiting for a side.
 
+use std::collections::BTreeSet;
 use std::io;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
-use crate::health::{Health, errno_name, is_side_failure};
+use crate::events::{Event, Events, Kind};
+use crate::health::{Health, OP_FAIL, SideState, errno_name, is_side_failure};
 use crate::spec::Side;
 use crate::volume::Volume;
 
@@ -30,7 +39,7 @@ use crate::volume::Volume;
 pub enum SideResult {
     Ok,
     Err(i32),
-    /// The side was down and was not asked.
+    /// The side was out of service and was not asked.
     Skipped,
 }
 
@@ -42,6 +51,16 @@ impl SideResult {
             Some(Err(e)) => SideResult::Err(e.raw_os_error().unwrap_or(libc::EIO)),
         }
     }
+}
+
+/// What a side failure does to the caller (`noswitch`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Policy {
+    /// Carry on with the survivor; the caller sees no error.
+    Switch,
+    /// Fail-stop: the caller gets EIO, and changes are refused while a side
+    /// is out of service.
+    NoSwitch,
 }
 
 /// What the caller is told.
@@ -72,7 +91,8 @@ const fn decide(answer: Answer, mark_down: Option<Side>, diverged: bool) -> Deci
 }
 
 /// Decides what the caller sees from the two sides' results. "Failure" is a
-/// side failure (`health::is_side_failure`), "ordinary" any other errno.
+/// side failure (`health::is_side_failure`, including a timeout), "ordinary"
+/// any other errno.
 ///
 /// | primary        | mirror         | answer          | effect               |
 /// |----------------|----------------|-----------------|----------------------|
@@ -91,10 +111,13 @@ const fn decide(answer: Answer, mark_down: Option<Side>, diverged: bool) -> Deci
 /// | ordinary a     | failure b      | a               | mirror down          |
 /// | ordinary a     | ordinary b     | a               | diverged             |
 /// | failure a      | failure b      | a               | (both failing: none) |
-pub fn resolve(p: SideResult, m: SideResult) -> Decision {
+///
+/// Under `Policy::NoSwitch`, every row that takes a side down answers EIO
+/// instead (the side still goes down and is reported).
+pub fn resolve(p: SideResult, m: SideResult, policy: Policy) -> Decision {
     use Answer::{Errno, From};
     use SideResult::{Err, Ok, Skipped};
-    match (p, m) {
+    let d = match (p, m) {
         (Ok, Ok) | (Ok, Skipped) => decide(From(Side::Primary), None, false),
         (Skipped, Ok) => decide(From(Side::Mirror), None, false),
         (Skipped, Err(e)) | (Err(e), Skipped) => decide(Errno(e), None, false),
@@ -110,12 +133,21 @@ pub fn resolve(p: SideResult, m: SideResult) -> Decision {
             (false, false) => decide(Errno(a), None, true),
             (true, true) => decide(Errno(a), None, false),
         },
+    };
+    match policy {
+        Policy::NoSwitch if d.mark_down.is_some() => Decision {
+            answer: Errno(libc::EIO),
+            ..d
+        },
+        _ => d,
     }
 }
 
 /// Both sides' results of one change.
 pub struct Pair<T> {
     pub results: [Option<io::Result<T>>; 2],
+    /// Refused before any side was asked (fail-stop with a side down).
+    refused: bool,
 }
 
 impl<T> Pair<T> {
@@ -128,62 +160,100 @@ impl<T> Pair<T> {
     }
 }
 
-type Job = Box<dyn FnOnce() + Send>;
-
-/// Threads that run the mirror's half of each change.
-struct Pool {
-    tx: Sender<Job>,
+/// What an operation is about, for events: a path, or an open file's inode
+/// (resolved to a path only when an event needs it).
+#[derive(Clone, Copy, Debug)]
+pub enum Subject<'a> {
+    Path(&'a Path),
+    Inode(u64),
 }
 
-impl Pool {
-    fn new(threads: usize) -> io::Result<Pool> {
-        let (tx, rx): (Sender<Job>, Receiver<Job>) = crossbeam_channel::unbounded();
-        for i in 0..threads {
-            let rx = rx.clone();
-            thread::Builder::new().name(format!("mirror-{i}")).spawn(move || {
-                for job in rx {
-                    job();
-                }
-            })?;
-        }
-        Ok(Pool { tx })
+type Job = Box<dyn FnOnce() + Send>;
+/// A read, run on whichever side answers.
+type ReadFn<T> = Arc<dyn Fn(Side, &Volume) -> io::Result<T> + Send + Sync>;
+type Results<T> = Sender<(Side, Option<io::Result<T>>)>;
+
+/// Starts a lane: `threads` workers taking jobs for one side.
+fn lane(side: Side, threads: usize) -> io::Result<Sender<Job>> {
+    let (tx, rx): (Sender<Job>, Receiver<Job>) = crossbeam_channel::unbounded();
+    for i in 0..threads {
+        let rx = rx.clone();
+        thread::Builder::new().name(format!("{side}-{i}")).spawn(move || {
+            for job in rx {
+                job();
+            }
+        })?;
     }
+    Ok(tx)
 }
 
 /// Called once when a side is taken out of service, before the operation
 /// that failed on it is answered.
-pub type OnDown = Box<dyn Fn(Side, &str, i32) + Send + Sync>;
+pub type OnDown = Box<dyn Fn(Side, &str, Option<i32>) + Send + Sync>;
+/// Finds the path of an inode, for events about open files.
+pub type Resolver = Box<dyn Fn(u64) -> Option<PathBuf> + Send + Sync>;
+
+/// Engine settings from the mount options.
+#[derive(Clone, Copy, Debug)]
+pub struct EngineConfig {
+    pub side_timeout: Duration,
+    pub policy: Policy,
+    /// Worker threads per side.
+    pub threads: usize,
+}
 
 /// The engine. One per mount.
 pub struct Engine {
-    on_down: Option<OnDown>,
     vols: [Option<Arc<Volume>>; 2],
-    pub health: Health,
-    pool: Pool,
-    side_timeout: Duration,
+    pub health: Arc<Health>,
+    pub events: Arc<Events>,
+    lanes: [RwLock<Sender<Job>>; 2],
+    config: EngineConfig,
+    on_down: Option<OnDown>,
+    /// Held while a side goes down and its absence is recorded; an operation
+    /// that skipped a down side takes it before answering, so nothing is
+    /// acknowledged on one side before that record is durable.
+    transition: Mutex<()>,
+    resolver: OnceLock<Resolver>,
+    pending: Mutex<BTreeSet<PathBuf>>,
     divergences: AtomicU64,
 }
 
+fn eio() -> io::Error {
+    io::Error::from_raw_os_error(libc::EIO)
+}
+
+fn raw(e: &io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(libc::EIO)
+}
+
 impl Engine {
-    /// A missing side (`None`, allowed for read-only mounts) starts down.
+    /// A missing side (`None`) that `health` still has up starts down.
     pub fn new(
         primary: Option<Volume>,
         mirror: Option<Volume>,
-        side_timeout: Duration,
-        threads: usize,
+        health: Arc<Health>,
+        events: Arc<Events>,
+        config: EngineConfig,
     ) -> io::Result<Engine> {
-        let health = Health::default();
         for (side, v) in [(Side::Primary, &primary), (Side::Mirror, &mirror)] {
-            if v.is_none() {
-                health.mark_down(side, "mount", libc::ENOENT);
+            if v.is_none() && health.is_up(side) {
+                health.start_out_of_service(side, SideState::Down, Some(libc::ENOENT));
             }
         }
         Ok(Engine {
-            on_down: None,
             vols: [primary.map(Arc::new), mirror.map(Arc::new)],
             health,
-            pool: Pool::new(threads)?,
-            side_timeout,
+            events,
+            lanes: [
+                RwLock::new(lane(Side::Primary, config.threads)?),
+                RwLock::new(lane(Side::Mirror, config.threads)?),
+            ],
+            config,
+            on_down: None,
+            transition: Mutex::new(()),
+            resolver: OnceLock::new(),
+            pending: Mutex::new(BTreeSet::new()),
             divergences: AtomicU64::new(0),
         })
     }
@@ -193,27 +263,82 @@ impl Engine {
         self.on_down = Some(f);
     }
 
-    fn side_failed(&self, side: Side, op: &str, errno: i32, path: &Path) {
-        if self.health.mark_down(side, op, errno) {
-            log::warn!(
-                "side={side} op={op} path={} errno={} carrying on with the other side",
-                path.display(),
-                errno_name(errno)
-            );
-            if let Some(f) = &self.on_down {
-                f(side, op, errno);
-            }
+    /// Sets how open files' inodes are named in events.
+    pub fn set_resolver(&self, f: Resolver) {
+        let _ = self.resolver.set(f);
+    }
+
+    fn path_of(&self, subject: Subject) -> Option<PathBuf> {
+        match subject {
+            Subject::Path(p) => Some(p.to_path_buf()),
+            Subject::Inode(ino) => self.resolver.get().and_then(|r| r(ino)),
+        }
+    }
+
+    fn event(&self, kind: Kind, subject: Subject) -> Event {
+        let ev = Event::new(kind);
+        match self.path_of(subject) {
+            Some(p) => ev.path(&p),
+            None => ev,
+        }
+    }
+
+    /// Takes `side` out of service after `op` failed; records it (on_down)
+    /// and reports it once.
+    fn side_failed(&self, side: Side, op: &str, errno: Option<i32>, subject: Subject) -> bool {
+        let _t = self.transition.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.health.mark_down(side, op, errno) {
+            return false;
+        }
+        log::warn!(
+            "side={side} op={op} errno={} carrying on with the {}",
+            errno.map(errno_name).unwrap_or_else(|| "-".into()),
+            side.other()
+        );
+        if let Some(f) = &self.on_down {
+            f(side, op, errno);
+        }
+        self.events
+            .emit(self.event(Kind::SideDown, subject).side(side).op(op).errno(errno));
+        true
+    }
+
+    /// Waits until any side transition in progress has been recorded.
+    fn transitions_recorded(&self) {
+        drop(self.transition.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    /// `mirrorfs fail`: takes `side` out of service by hand.
+    pub fn fail(&self, side: Side) -> Result<(), String> {
+        if !self.health.is_up(side) {
+            return Err(format!("the {side} is already out of service"));
+        }
+        if !self.health.is_up(side.other()) {
+            return Err(format!(
+                "the {side} is the last side up: refusing to take it out of service"
+            ));
+        }
+        if self.side_failed(side, OP_FAIL, None, Subject::Path(Path::new(""))) {
+            Ok(())
+        } else {
+            Err(format!(
+                "the {side} could not be taken out of service: the {} is not up",
+                side.other()
+            ))
         }
     }
 
     pub fn volume(&self, side: Side) -> io::Result<&Volume> {
-        self.vols[side.index()]
-            .as_deref()
-            .ok_or_else(|| io::Error::from_raw_os_error(libc::EIO))
+        self.vols[side.index()].as_deref().ok_or_else(eio)
     }
 
     pub fn divergences(&self) -> u64 {
         self.divergences.load(Ordering::Relaxed)
+    }
+
+    /// Paths recorded as out of sync between the sides.
+    pub fn pending_paths(&self) -> usize {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
     /// The side that answers reads: the primary while it is up.
@@ -225,60 +350,174 @@ impl Engine {
         }
     }
 
-    /// Runs a read on the reading side. A side failure on the primary is
-    /// retried on the mirror and takes the primary down; the caller sees no
-    /// error.
-    pub fn read<T>(&self, op: &str, path: &Path, mut f: impl FnMut(Side, &Volume) -> io::Result<T>) -> io::Result<T> {
-        let side = self.reader();
-        let r = f(side, self.volume(side)?);
-        match &r {
-            Err(e) if side == Side::Primary && is_side_failure(e.raw_os_error().unwrap_or(0)) => {
-                self.side_failed(Side::Primary, op, e.raw_os_error().unwrap_or(libc::EIO), path);
-                if self.health.is_up(Side::Mirror) && !self.health.is_up(Side::Primary) {
-                    return f(Side::Mirror, self.volume(Side::Mirror)?);
+    /// Queues `f` on `side`'s lane; false if the side is out of service.
+    fn dispatch<T: Send + 'static>(
+        &self,
+        side: Side,
+        f: impl FnOnce(&Volume) -> io::Result<T> + Send + 'static,
+        tx: Results<T>,
+    ) -> bool {
+        let Some(vol) = self.vols[side.index()].clone() else {
+            return false;
+        };
+        if !self.health.is_up(side) {
+            return false;
+        }
+        let health = self.health.clone();
+        let job: Job = Box::new(move || {
+            // Checked again here: the side may have gone down while queued.
+            let r = health.is_up(side).then(|| f(&vol));
+            let _ = tx.send((side, r));
+        });
+        self.lanes[side.index()]
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(job)
+            .is_ok()
+    }
+
+    /// Collects the results of the sides in `asked`. While both are asked,
+    /// the first to answer gives the other `side_timeout` from the start;
+    /// one that has not answered by then gets ETIMEDOUT.
+    fn gather<T>(&self, rx: Receiver<(Side, Option<io::Result<T>>)>, asked: [bool; 2]) -> [Option<io::Result<T>>; 2] {
+        let mut out: [Option<io::Result<T>>; 2] = [None, None];
+        let mut waiting = asked;
+        let deadline = Instant::now() + self.config.side_timeout;
+        while waiting.iter().any(|w| *w) {
+            let got = if waiting[0] && waiting[1] || asked[0] && asked[1] {
+                match rx.recv_deadline(deadline) {
+                    Err(RecvTimeoutError::Timeout) if waiting[0] && waiting[1] => {
+                        // Neither answered in time: the first to answer
+                        // stays, the other is the one that hung.
+                        rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
+                    }
+                    r => r,
                 }
-                r
+            } else {
+                rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
+            };
+            match got {
+                Ok((side, r)) => {
+                    out[side.index()] = r;
+                    waiting[side.index()] = false;
+                }
+                Err(e) => {
+                    let errno = match e {
+                        RecvTimeoutError::Timeout => libc::ETIMEDOUT,
+                        RecvTimeoutError::Disconnected => libc::EIO,
+                    };
+                    for s in Side::BOTH {
+                        if waiting[s.index()] {
+                            out[s.index()] = Some(Err(io::Error::from_raw_os_error(errno)));
+                            waiting[s.index()] = false;
+                        }
+                    }
+                }
             }
-            _ => r,
+        }
+        out
+    }
+
+    /// Runs a read on one side; a side that went down meanwhile is `None`.
+    fn read_on<T: Send + 'static>(&self, side: Side, f: &ReadFn<T>) -> Option<io::Result<T>> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let g = f.clone();
+        let asked = self.dispatch(side, move |v| g(side, v), tx);
+        // A deadline only while the other side could answer instead.
+        if asked && self.health.is_up(side.other()) {
+            return match rx.recv_deadline(Instant::now() + self.config.side_timeout) {
+                Ok((_, r)) => r,
+                Err(RecvTimeoutError::Timeout) => Some(Err(io::Error::from_raw_os_error(libc::ETIMEDOUT))),
+                Err(RecvTimeoutError::Disconnected) => Some(Err(eio())),
+            };
+        }
+        if !asked {
+            return None;
+        }
+        rx.recv().map(|(_, r)| r).unwrap_or_else(|_| Some(Err(eio())))
+    }
+
+    /// Runs a read on the reading side. A side failure or timeout on the
+    /// primary takes it down and the read is retried on the mirror; the
+    /// caller sees no error (unless `noswitch`).
+    pub fn read<T: Send + 'static>(
+        &self,
+        op: &'static str,
+        subject: Subject,
+        f: impl Fn(Side, &Volume) -> io::Result<T> + Send + Sync + 'static,
+    ) -> io::Result<T> {
+        let f: ReadFn<T> = Arc::new(f);
+        let side = self.reader();
+        match self.read_on(side, &f) {
+            Some(Err(e)) if side == Side::Primary && is_side_failure(raw(&e)) => {
+                self.health.count_error(Side::Primary, op);
+                self.side_failed(Side::Primary, op, Some(raw(&e)), subject);
+                if self.config.policy == Policy::NoSwitch || self.health.is_up(Side::Primary) {
+                    return Err(if self.config.policy == Policy::NoSwitch {
+                        eio()
+                    } else {
+                        e
+                    });
+                }
+                self.read_on(Side::Mirror, &f).unwrap_or_else(|| Err(eio()))
+            }
+            Some(Err(e)) => {
+                if is_side_failure(raw(&e)) {
+                    self.health.count_error(side, op);
+                }
+                Err(e)
+            }
+            Some(r) => r,
+            // The primary went down while the read was queued.
+            None if side == Side::Primary => {
+                self.transitions_recorded();
+                self.read_on(Side::Mirror, &f).unwrap_or_else(|| Err(eio()))
+            }
+            None => Err(eio()),
         }
     }
 
-    /// Runs a change on every side that is up, concurrently: `pf` on the
-    /// primary in this thread, `mf` on the mirror in a pool thread.
+    /// Runs an advisory read on `side` if it is up and answers within
+    /// `limit`; nothing is decided from its outcome.
+    pub fn peek<T: Send + 'static>(
+        &self,
+        side: Side,
+        limit: Duration,
+        f: impl FnOnce(&Volume) -> io::Result<T> + Send + 'static,
+    ) -> Option<T> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        if !self.dispatch(side, f, tx) {
+            return None;
+        }
+        match rx.recv_timeout(limit) {
+            Ok((_, Some(Ok(v)))) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// Runs a change on every side that is up, concurrently, each on its
+    /// own lane: `pf` on the primary, `mf` on the mirror.
     pub fn change2<T: Send + 'static>(
         &self,
-        pf: impl FnOnce(&Volume) -> io::Result<T>,
+        pf: impl FnOnce(&Volume) -> io::Result<T> + Send + 'static,
         mf: impl FnOnce(&Volume) -> io::Result<T> + Send + 'static,
     ) -> Pair<T> {
-        let pvol = self.vols[0].as_deref().filter(|_| self.health.is_up(Side::Primary));
-        let mvol = self.vols[1].clone().filter(|_| self.health.is_up(Side::Mirror));
-        let Some(mvol) = mvol else {
+        // Fail-stop refuses before touching anything, so no change lands on
+        // one side only.
+        if self.config.policy == Policy::NoSwitch && Side::BOTH.iter().any(|s| !self.health.is_up(*s)) {
             return Pair {
-                results: [pvol.map(pf), None],
+                results: [None, None],
+                refused: true,
             };
-        };
-        let Some(pvol) = pvol else {
-            return Pair {
-                results: [None, Some(mf(&mvol))],
-            };
-        };
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        let job: Job = Box::new(move || {
-            let _ = tx.send(mf(&mvol));
-        });
-        let sent = self.pool.tx.send(job).is_ok();
-        let p = pf(pvol);
-        let m = if !sent {
-            Err(io::Error::from_raw_os_error(libc::EIO))
-        } else {
-            match rx.recv_timeout(self.side_timeout) {
-                Ok(r) => r,
-                Err(RecvTimeoutError::Timeout) => Err(io::Error::from_raw_os_error(libc::ETIMEDOUT)),
-                Err(RecvTimeoutError::Disconnected) => Err(io::Error::from_raw_os_error(libc::EIO)),
-            }
-        };
+        }
+        let (tx, rx) = crossbeam_channel::bounded(2);
+        let asked = [
+            self.dispatch(Side::Primary, pf, tx.clone()),
+            self.dispatch(Side::Mirror, mf, tx),
+        ];
         Pair {
-            results: [Some(p), Some(m)],
+            results: self.gather(rx, asked),
+            refused: false,
         }
     }
 
@@ -292,22 +531,35 @@ impl Engine {
         self.change2(move |v| f(Side::Primary, v), move |v| g(Side::Mirror, v))
     }
 
-    /// Settles a pair of results: applies the decision to health, logs, and
-    /// returns the answering side (whose value is in `pair`) or the errno.
-    pub fn settle<T>(&self, op: &str, path: &Path, pair: &Pair<T>) -> io::Result<Side> {
+    /// Settles a pair of results: applies the decision to health, records
+    /// and reports divergence, and returns the answering side (whose value
+    /// is in `pair`) or the errno.
+    pub fn settle<T>(&self, op: &str, subject: Subject, pair: &Pair<T>) -> io::Result<Side> {
+        if pair.refused {
+            return Err(eio());
+        }
         let p = SideResult::of(&pair.results[0]);
         let m = SideResult::of(&pair.results[1]);
-        let d = resolve(p, m);
+        for (side, r) in [(Side::Primary, p), (Side::Mirror, m)] {
+            if let SideResult::Err(e) = r
+                && is_side_failure(e)
+            {
+                self.health.count_error(side, op);
+            }
+        }
+        let d = resolve(p, m, self.config.policy);
         if let Some(side) = d.mark_down {
             let errno = match if side == Side::Primary { p } else { m } {
                 SideResult::Err(e) => e,
                 _ => libc::EIO,
             };
-            self.side_failed(side, op, errno, path);
+            self.side_failed(side, op, Some(errno), subject);
+        }
+        if p == SideResult::Skipped || m == SideResult::Skipped {
+            self.transitions_recorded();
         }
         if d.diverged {
-            self.divergences.fetch_add(1, Ordering::Relaxed);
-            log::warn!("op={op} path={} diverged primary={p:?} mirror={m:?}", path.display());
+            self.diverged(op, subject, p, m);
         }
         match d.answer {
             Answer::From(side) => Ok(side),
@@ -315,17 +567,32 @@ impl Engine {
         }
     }
 
+    fn diverged(&self, op: &str, subject: Subject, p: SideResult, m: SideResult) {
+        self.divergences.fetch_add(1, Ordering::Relaxed);
+        let show = |r: SideResult| match r {
+            SideResult::Ok => "ok".to_string(),
+            SideResult::Err(e) => errno_name(e),
+            SideResult::Skipped => "skipped".to_string(),
+        };
+        let detail = format!("primary={} mirror={}", show(p), show(m));
+        log::warn!("op={op} diverged {detail}");
+        if let Some(path) = self.path_of(subject) {
+            self.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(path);
+        }
+        self.events
+            .emit(self.event(Kind::Diverged, subject).op(op).detail(detail));
+    }
+
     /// `change` then `settle`, returning the answering side's value.
     pub fn apply<T: Send + 'static>(
         &self,
         op: &str,
-        path: &Path,
+        subject: Subject,
         f: impl Fn(Side, &Volume) -> io::Result<T> + Send + Sync + 'static,
     ) -> io::Result<T> {
         let mut pair = self.change(f);
-        let side = self.settle(op, path, &pair)?;
-        pair.take_ok(side)
-            .ok_or_else(|| io::Error::from_raw_os_error(libc::EIO))
+        let side = self.settle(op, subject, &pair)?;
+        pair.take_ok(side).ok_or_else(eio)
     }
 }
 
@@ -339,74 +606,176 @@ mod tests {
     const ENOSPC: i32 = libc::ENOSPC;
     const ENOENT: i32 = libc::ENOENT;
     const EEXIST: i32 = libc::EEXIST;
+    const S: Policy = Policy::Switch;
 
     #[test]
     fn both_ok_answers_primary() {
-        assert_eq!(resolve(Ok, Ok), decide(From(Side::Primary), None, false));
+        assert_eq!(resolve(Ok, Ok, S), decide(From(Side::Primary), None, false));
     }
     #[test]
     fn mirror_skipped_answers_primary() {
-        assert_eq!(resolve(Ok, Skipped), decide(From(Side::Primary), None, false));
+        assert_eq!(resolve(Ok, Skipped, S), decide(From(Side::Primary), None, false));
     }
     #[test]
     fn primary_skipped_answers_mirror() {
-        assert_eq!(resolve(Skipped, Ok), decide(From(Side::Mirror), None, false));
+        assert_eq!(resolve(Skipped, Ok, S), decide(From(Side::Mirror), None, false));
     }
     #[test]
     fn last_side_errors_go_to_caller() {
-        assert_eq!(resolve(Skipped, Err(EIO)), decide(Errno(EIO), None, false));
-        assert_eq!(resolve(Err(ENOSPC), Skipped), decide(Errno(ENOSPC), None, false));
+        assert_eq!(resolve(Skipped, Err(EIO), S), decide(Errno(EIO), None, false));
+        assert_eq!(resolve(Err(ENOSPC), Skipped, S), decide(Errno(ENOSPC), None, false));
     }
     #[test]
     fn no_side_up_is_eio() {
-        assert_eq!(resolve(Skipped, Skipped), decide(Errno(EIO), None, false));
+        assert_eq!(resolve(Skipped, Skipped, S), decide(Errno(EIO), None, false));
     }
     #[test]
     fn mirror_failure_takes_mirror_down() {
         assert_eq!(
-            resolve(Ok, Err(EIO)),
+            resolve(Ok, Err(EIO), S),
             decide(From(Side::Primary), Some(Side::Mirror), false)
         );
     }
     #[test]
     fn primary_failure_takes_primary_down() {
         assert_eq!(
-            resolve(Err(ENOSPC), Ok),
+            resolve(Err(ENOSPC), Ok, S),
             decide(From(Side::Mirror), Some(Side::Primary), false)
         );
     }
     #[test]
     fn mirror_ordinary_error_diverges() {
-        assert_eq!(resolve(Ok, Err(ENOENT)), decide(From(Side::Primary), None, true));
+        assert_eq!(resolve(Ok, Err(ENOENT), S), decide(From(Side::Primary), None, true));
     }
     #[test]
     fn primary_ordinary_error_is_answered_and_diverges() {
-        assert_eq!(resolve(Err(EEXIST), Ok), decide(Errno(EEXIST), None, true));
+        assert_eq!(resolve(Err(EEXIST), Ok, S), decide(Errno(EEXIST), None, true));
     }
     #[test]
     fn same_error_on_both_is_answered() {
-        assert_eq!(resolve(Err(ENOENT), Err(ENOENT)), decide(Errno(ENOENT), None, false));
+        assert_eq!(resolve(Err(ENOENT), Err(ENOENT), S), decide(Errno(ENOENT), None, false));
     }
     #[test]
     fn primary_failure_mirror_ordinary_answers_mirror() {
         assert_eq!(
-            resolve(Err(EIO), Err(ENOENT)),
+            resolve(Err(EIO), Err(ENOENT), S),
             decide(Errno(ENOENT), Some(Side::Primary), false)
         );
     }
     #[test]
     fn primary_ordinary_mirror_failure_answers_primary() {
         assert_eq!(
-            resolve(Err(ENOENT), Err(EIO)),
+            resolve(Err(ENOENT), Err(EIO), S),
             decide(Errno(ENOENT), Some(Side::Mirror), false)
         );
     }
     #[test]
     fn different_ordinary_errors_diverge() {
-        assert_eq!(resolve(Err(ENOENT), Err(EEXIST)), decide(Errno(ENOENT), None, true));
+        assert_eq!(resolve(Err(ENOENT), Err(EEXIST), S), decide(Errno(ENOENT), None, true));
     }
     #[test]
     fn both_failing_marks_neither() {
-        assert_eq!(resolve(Err(EIO), Err(ENOSPC)), decide(Errno(EIO), None, false));
+        assert_eq!(resolve(Err(EIO), Err(ENOSPC), S), decide(Errno(EIO), None, false));
+    }
+
+    #[test]
+    fn a_timeout_is_a_side_failure() {
+        assert_eq!(
+            resolve(Ok, Err(libc::ETIMEDOUT), S),
+            decide(From(Side::Primary), Some(Side::Mirror), false)
+        );
+    }
+    #[test]
+    fn noswitch_answers_eio_where_a_side_goes_down() {
+        let n = Policy::NoSwitch;
+        assert_eq!(
+            resolve(Ok, Err(ENOSPC), n),
+            decide(Errno(EIO), Some(Side::Mirror), false)
+        );
+        assert_eq!(resolve(Err(EIO), Ok, n), decide(Errno(EIO), Some(Side::Primary), false));
+        assert_eq!(resolve(Ok, Ok, n), decide(From(Side::Primary), None, false));
+        assert_eq!(resolve(Ok, Err(ENOENT), n), decide(From(Side::Primary), None, true));
+    }
+}
+
+#[cfg(test)]
+mod engine_tests {
+    use super::*;
+
+    fn engine(dirs: &[tempfile::TempDir; 2], timeout: Duration) -> Engine {
+        let health = Arc::new(Health::default());
+        let events = Arc::new(Events::start([None, None], health.clone(), None).unwrap());
+        let v = |i: usize, side| Some(Volume::open(side, dirs[i].path()).unwrap());
+        Engine::new(
+            v(0, Side::Primary),
+            v(1, Side::Mirror),
+            health,
+            events,
+            EngineConfig {
+                side_timeout: timeout,
+                policy: Policy::Switch,
+                threads: 2,
+            },
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_hung_side_is_timed_out_and_the_other_answers() {
+        let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+        let e = engine(&dirs, Duration::from_millis(200));
+        let start = Instant::now();
+        let r = e.apply("write", Subject::Path(Path::new("f")), |side, _| {
+            if side == Side::Mirror {
+                thread::sleep(Duration::from_secs(3));
+            }
+            Ok(side)
+        });
+        assert_eq!(r.unwrap(), Side::Primary);
+        assert!(start.elapsed() < Duration::from_secs(2), "{:?}", start.elapsed());
+        assert_eq!(e.health.state(Side::Mirror), SideState::Down);
+        assert_eq!(e.health.down_info(Side::Mirror).unwrap().errno, Some(libc::ETIMEDOUT));
+        assert_eq!(e.health.counters(Side::Mirror).write, 1);
+        // The last side has no deadline: a slow primary is waited for.
+        let r = e.apply("write", Subject::Path(Path::new("f")), |side, _| {
+            thread::sleep(Duration::from_millis(400));
+            Ok(side)
+        });
+        assert_eq!(r.unwrap(), Side::Primary);
+    }
+
+    #[test]
+    fn a_failing_primary_read_is_answered_by_the_mirror() {
+        let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+        let e = engine(&dirs, Duration::from_secs(5));
+        let r = e.read("read", Subject::Inode(5), |side, _| {
+            if side == Side::Primary {
+                Err(io::Error::from_raw_os_error(libc::EIO))
+            } else {
+                Ok(side)
+            }
+        });
+        assert_eq!(r.unwrap(), Side::Mirror);
+        assert_eq!(e.health.state(Side::Primary), SideState::Down);
+        assert_eq!(e.health.counters(Side::Primary).read, 1);
+        assert_eq!(e.reader(), Side::Mirror);
+        assert!(e.fail(Side::Mirror).is_err(), "the last side cannot be failed");
+    }
+
+    #[test]
+    fn divergence_is_recorded_with_its_path() {
+        let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+        let e = engine(&dirs, Duration::from_secs(5));
+        let r = e.apply("unlink", Subject::Path(Path::new("d/x")), |side, _| match side {
+            Side::Primary => Ok(()),
+            Side::Mirror => Err(io::Error::from_raw_os_error(libc::ENOENT)),
+        });
+        assert!(r.is_ok());
+        assert_eq!(e.divergences(), 1);
+        assert_eq!(e.pending_paths(), 1);
+        assert!(e.health.is_up(Side::Mirror));
+        let ev = e.events.recent();
+        assert_eq!(ev.last().unwrap().event, Kind::Diverged);
+        assert_eq!(ev.last().unwrap().path.as_deref(), Some("/d/x"));
     }
 }

@@ -14,7 +14,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 /// One side of the pair. The primary answers reads while it is up.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Side {
     Primary,
     Mirror,
@@ -74,19 +75,19 @@ pub struct Options {
     pub allow_other: bool,
     /// `fsname=NAME`: the source shown in `/proc/mounts`. Default: the spec.
     pub fsname: Option<String>,
-    /// `mirror_skip`: start even if one side is missing (not yet served).
+    /// `mirror_skip`: start even if one side is missing or unusable.
     pub mirror_skip: bool,
-    /// `noswitch`: fail-stop (not yet served).
+    /// `noswitch`: fail-stop.
     pub noswitch: bool,
-    /// `mirrors=off` (not yet served).
+    /// `mirrors=off`: run on the primary alone.
     pub mirrors_off: bool,
-    /// `probe_interval=S`, default 5 s (not yet served).
+    /// `probe_interval=S`, default 5 s.
     pub probe_interval: Duration,
-    /// `side_timeout=S`, default 30 s (not yet served).
+    /// `side_timeout=S`, default 30 s.
     pub side_timeout: Duration,
     /// `noautoresync` (not yet served).
     pub noautoresync: bool,
-    /// `hook=PROGRAM` (not yet served).
+    /// `hook=PROGRAM`: run for each event, with the event as JSON on stdin.
     pub hook: Option<PathBuf>,
 }
 
@@ -195,18 +196,7 @@ impl Options {
 
     /// Refuses options whose behaviour this version does not provide yet.
     pub fn check_served(&self) -> Result<(), String> {
-        let used = [
-            ("mirror_skip", self.mirror_skip),
-            ("noswitch", self.noswitch),
-            ("mirrors", self.mirrors_off),
-            ("noautoresync", self.noautoresync),
-            ("hook", self.hook.is_some()),
-            (
-                "probe_interval",
-                self.probe_interval != Options::default().probe_interval,
-            ),
-            ("side_timeout", self.side_timeout != Options::default().side_timeout),
-        ];
+        let used = [("noautoresync", self.noautoresync)];
         for (name, on) in used {
             if on {
                 return Err(format!("mount option {name} is not supported by this version yet"));
@@ -309,8 +299,8 @@ pub fn validate(spec: &str, mountpoint: &Path, opts: &Options, cwd: &Path) -> Re
                 return Err(format!("{side} {} is not a directory", path.display()));
             }
             Ok(_) => {}
-            Err(e) if opts.read_only => {
-                // A read-only mount may run on one side; both missing is an error below.
+            Err(e) if opts.read_only || opts.mirror_skip || (opts.mirrors_off && side == Side::Mirror) => {
+                // The mount may run on one side; both missing is an error below.
                 log::info!("side={side} path={} missing: {e}", path.display());
             }
             Err(e) => {
@@ -500,6 +490,22 @@ mod tests {
     }
 
     #[test]
+    fn mirror_skip_and_mirrors_off_allow_a_missing_side() {
+        let t = tmp();
+        dirs(t.path(), &["a", "m"]);
+        let skip = Options::parse(&["mirror_skip"]).unwrap();
+        assert!(validate("a|nope", Path::new("m"), &skip, t.path()).is_ok());
+        assert!(validate("nope|a", Path::new("m"), &skip, t.path()).is_ok());
+        assert!(validate("x|nope", Path::new("m"), &skip, t.path()).is_err());
+        let off = Options::parse(&["mirrors=off"]).unwrap();
+        assert!(validate("a|nope", Path::new("m"), &off, t.path()).is_ok());
+        assert!(
+            validate("nope|a", Path::new("m"), &off, t.path()).is_err(),
+            "the primary is needed"
+        );
+    }
+
+    #[test]
     fn read_only_allows_one_missing_side() {
         let t = tmp();
         dirs(t.path(), &["a", "m"]);
@@ -548,8 +554,8 @@ mod tests {
 
     #[test]
     fn refuses_options_not_served_yet() {
-        let o = Options::parse(&["noswitch"]).unwrap();
-        assert!(o.check_served().unwrap_err().contains("noswitch"));
+        let o = Options::parse(&["noautoresync"]).unwrap();
+        assert!(o.check_served().unwrap_err().contains("noautoresync"));
         assert!(
             Options::parse(&["ro,create,allow_other"])
                 .unwrap()

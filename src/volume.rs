@@ -411,6 +411,20 @@ impl Volume {
         let fd = self.open_file(rel, libc::O_RDONLY)?;
         fsync(fd.as_fd(), datasync)
     }
+
+    /// Checks that the side takes a durable write: a small file in its
+    /// metadata directory is written, synced and removed. A side whose
+    /// metadata directory is gone (an empty mountpoint left by an unmounted
+    /// disk) fails with ENOENT.
+    pub fn probe(&self) -> io::Result<()> {
+        self.statvfs()?;
+        let rel = Path::new(META_DIR).join("probe");
+        let fd = self.openat2(&rel, libc::O_CREAT | libc::O_TRUNC | libc::O_WRONLY, 0o600)?;
+        pwrite_all(fd.as_fd(), &[0u8; 4096], 0)?;
+        fsync(fd.as_fd(), false)?;
+        drop(fd);
+        self.unlink(&rel)
+    }
 }
 
 /// Runs an xattr-style call that fills a buffer of `size` bytes, or with a
