@@ -63,4 +63,17 @@ id nobody >/dev/null && getent group nogroup >/dev/null && id tests >/dev/null
 if [ -n "${GITHUB_PATH:-}" ]; then
     echo "${CARGO_HOME:-$HOME/.cargo}/bin" >> "$GITHUB_PATH"
 fi
+
+# Kernel fault fixtures (tests/it/faults.rs). The tests start a private sshd
+# of their own on 127.0.0.1 (the system ssh service is neither enabled nor
+# started here); sshd needs its privilege separation directory. zram and loop
+# devices are made per test (zram hot_add, losetup -f) and removed after.
+mkdir -p /run/sshd
+chmod 0755 /run/sshd
+[ -d /sys/class/zram-control ] || modprobe zram num_devices=0 || true
+[ -d /sys/class/zram-control ] || { echo "install.sh: no zram in this kernel (/sys/class/zram-control)" >&2; exit 1; }
+for b in sshd ssh-keygen sshfs xfs_io losetup mkfs.ext4 mkfs.xfs mount umount setpriv runuser pgbench; do
+    command -v "$b" >/dev/null 2>&1 || { echo "install.sh: $b missing" >&2; exit 1; }
+done
+
 echo "install.sh: done"

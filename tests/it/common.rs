@@ -229,3 +229,36 @@ impl Drop for Mounted {
         }
     }
 }
+
+// ---------------------------------------------------------------- fault-test helpers
+
+/// True if tests that need root (but not FUSE) can run here, such as the
+/// kernel fault fixtures' self-tests. Like `fuse_available`: loud when not,
+/// and under CI=true a failure instead of a skip.
+pub fn root_available(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    let why = format!("{test}: CANNOT RUN: needs root");
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{why} -- failing because CI=true");
+    }
+    eprintln!("\n!!!!!!!! {why} -- NOT TESTED !!!!!!!!\n");
+    false
+}
+
+/// `len` incompressible bytes, the same for the same seed. Fault tests write
+/// these: zram keeps a page of one repeated word without allocating memory,
+/// so such a page is still written after `Zram::fail`.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}

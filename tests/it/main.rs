@@ -7,5 +7,6 @@ mod common;
 
 mod cli;
 mod failover;
+mod faults;
 mod posix;
 mod workloads;
