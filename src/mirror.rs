@@ -166,6 +166,8 @@ impl<T> Pair<T> {
 pub enum Subject<'a> {
     Path(&'a Path),
     Inode(u64),
+    /// The whole mount (`mirrorfs fail`).
+    Mount,
 }
 
 type Job = Box<dyn FnOnce() + Send>;
@@ -272,6 +274,7 @@ impl Engine {
         match subject {
             Subject::Path(p) => Some(p.to_path_buf()),
             Subject::Inode(ino) => self.resolver.get().and_then(|r| r(ino)),
+            Subject::Mount => None,
         }
     }
 
@@ -318,7 +321,7 @@ impl Engine {
                 "the {side} is the last side up: refusing to take it out of service"
             ));
         }
-        if self.side_failed(side, OP_FAIL, None, Subject::Path(Path::new(""))) {
+        if self.side_failed(side, OP_FAIL, None, Subject::Mount) {
             Ok(())
         } else {
             Err(format!(
