@@ -247,6 +247,55 @@ pub fn root_available(test: &str) -> bool {
     false
 }
 
+/// Runs a command with no stdin, killing it and panicking if it has not
+/// finished within `limit`: a hung daemon must fail a test, not hang it.
+pub fn run_within(cmd: &mut Command, limit: Duration) -> Output {
+    use std::io::Read;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let mut pipes = [
+        child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>),
+        child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>),
+    ];
+    let readers: Vec<_> = pipes
+        .iter_mut()
+        .map(|p| {
+            let mut p = p.take().expect("piped");
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                let _ = p.read_to_end(&mut buf);
+                buf
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break Some(st);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut outs = readers.into_iter().map(|r| r.join().unwrap_or_default());
+    let (stdout, stderr) = (outs.next().unwrap_or_default(), outs.next().unwrap_or_default());
+    let Some(status) = status else {
+        panic!(
+            "{cmd:?} did not finish within {limit:?}:\nstdout: {}\nstderr: {}",
+            String::from_utf8_lossy(&stdout),
+            String::from_utf8_lossy(&stderr)
+        );
+    };
+    Output { status, stdout, stderr }
+}
+
 /// `len` incompressible bytes, the same for the same seed. Fault tests write
 /// these: zram keeps a page of one repeated word without allocating memory,
 /// so such a page is still written after `Zram::fail`.
@@ -261,4 +310,61 @@ pub fn noise(len: usize, seed: u64) -> Vec<u8> {
     }
     out.truncate(len);
     out
+}
+
+impl Mounted {
+    /// A mount of `primary|mirror` with exactly `opts` (no `create` added)
+    /// at a fresh `<tmp>/mnt`. A side given as None is a new empty directory
+    /// `<tmp>/primary` or `<tmp>/mirror`; a side given as a path is used as
+    /// it is (a fault fixture's side, or a path that does not exist). None
+    /// when FUSE tests cannot run here; panics if the daemon does not mount.
+    pub fn on_sides(test: &str, primary: Option<&Path>, mirror: Option<&Path>, opts: &str) -> Option<Mounted> {
+        if !fuse_available(test) {
+            return None;
+        }
+        let dir = open_tempdir();
+        let side = |given: Option<&Path>, name: &str| match given {
+            Some(p) => p.to_path_buf(),
+            None => {
+                let p = dir.path().join(name);
+                std::fs::create_dir(&p).expect("side directory");
+                p
+            }
+        };
+        let (primary, mirror) = (side(primary, "primary"), side(mirror, "mirror"));
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).expect("mountpoint");
+        let mut m = Mounted {
+            dir,
+            primary,
+            mirror,
+            mnt,
+            child: None,
+            extra_mounts: Vec::new(),
+        };
+        let spec = format!("{}|{}", m.primary.display(), m.mirror.display());
+        let mut cmd = Command::new(BIN);
+        cmd.args(["mount", "-f"]);
+        if !opts.is_empty() {
+            cmd.args(["-o", opts]);
+        }
+        let child = cmd
+            .arg(&spec)
+            .arg(&m.mnt)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn mirrorfs");
+        m.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !is_mounted(&m.mnt) {
+            if let Some(st) = m.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                m.child = None;
+                panic!("mirrorfs mount -f -o '{opts}' '{spec}' exited before mounting: {st}");
+            }
+            assert!(Instant::now() < deadline, "mount did not appear within 20 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(m)
+    }
 }

@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use crate::common::{Mounted, ok, open_tempdir, run};
 
-fn text(out: &Output) -> String {
+pub(crate) fn text(out: &Output) -> String {
     format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -186,7 +186,7 @@ fn fsx_100k_ops_with_mmap() {
 
 // ---------------------------------------------------------------- PostgreSQL
 
-const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+pub(crate) const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
 fn postgres_ids() -> (nix::unistd::Uid, nix::unistd::Gid) {
     let u = nix::unistd::User::from_name("postgres")
@@ -196,7 +196,7 @@ fn postgres_ids() -> (nix::unistd::Uid, nix::unistd::Gid) {
 }
 
 /// A command run as user postgres, from a directory postgres can reach.
-fn as_postgres(prog: &str) -> Command {
+pub(crate) fn as_postgres(prog: &str) -> Command {
     let mut c = Command::new("setpriv");
     c.args(["--reuid=postgres", "--regid=postgres", "--init-groups", "--"])
         .arg(Path::new(PG_BIN).join(prog))
@@ -221,16 +221,16 @@ fn free_port() -> u16 {
 }
 
 /// A running postgres; dropping it (also on panic) stops it with -m immediate.
-struct PgServer {
+pub(crate) struct PgServer {
     data: PathBuf,
-    sockdir: PathBuf,
-    port: u16,
-    log: PathBuf,
+    pub(crate) sockdir: PathBuf,
+    pub(crate) port: u16,
+    pub(crate) log: PathBuf,
     running: bool,
 }
 
 impl PgServer {
-    fn start(data: &Path, sockdir: &Path) -> PgServer {
+    pub(crate) fn start(data: &Path, sockdir: &Path) -> PgServer {
         let port = free_port();
         let log = sockdir.join("postgres.log");
         let o = format!("-k {} -p {port} -c listen_addresses=''", sockdir.display());
@@ -259,7 +259,7 @@ impl PgServer {
         s
     }
 
-    fn pgbench(&self, args: &[&str]) -> String {
+    pub(crate) fn pgbench(&self, args: &[&str]) -> String {
         let out = run(as_postgres("pgbench")
             .arg("-h")
             .arg(&self.sockdir)
@@ -277,7 +277,7 @@ impl PgServer {
         all
     }
 
-    fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         self.running = false;
         let out = run(as_postgres("pg_ctl")
             .arg("-D")
@@ -350,7 +350,7 @@ fn pgbench_on(data: &Path, label: &str) -> f64 {
     tps
 }
 
-fn chown_postgres_0700(dir: &Path) {
+pub(crate) fn chown_postgres_0700(dir: &Path) {
     let (uid, gid) = postgres_ids();
     std::os::unix::fs::chown(dir, Some(uid.as_raw()), Some(gid.as_raw())).unwrap();
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).unwrap();
