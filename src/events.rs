@@ -341,6 +341,7 @@ fn write_log(side: Side, root: &Path, rx: Receiver<Event>) {
                 log::info!("side={side} event log writable again");
             }
             Ok(()) => {}
+            // Closing may block on a hung side; this thread is that side's own.
             Err(e) if !failing => {
                 failing = true;
                 file = None;

@@ -21,7 +21,7 @@ use fuser::{
 };
 
 use crate::bufpool::PooledBuf;
-use crate::mirror::{Engine, Subject};
+use crate::mirror::{Effect, Engine, Subject};
 use crate::nodes::{Handles, Key, Nodes, OpenDir, OpenFile, ROOT};
 use crate::spec::Side;
 use crate::volume::{self, META_DIR, Owner, SetTime, Stat, Volume};
@@ -183,6 +183,8 @@ impl MirrorFs {
     fn writable(&self) -> io::Result<()> {
         if self.config.read_only {
             Err(err(libc::EROFS))
+        } else if self.engine.changes_refused() {
+            Err(err(libc::EIO))
         } else {
             Ok(())
         }
@@ -375,9 +377,10 @@ impl MirrorFs {
         &self,
         op: &str,
         path: &Path,
+        effect: Effect,
         f: impl Fn(&Volume) -> io::Result<(std::os::fd::OwnedFd, Stat)> + Send + Sync + 'static,
     ) -> io::Result<(Side, Stat, [Option<std::os::fd::OwnedFd>; 2])> {
-        let mut pair = self.engine.change(move |_, v| f(v));
+        let mut pair = self.engine.each(effect, move |_, v| f(v));
         let side = self.engine.settle(op, Subject::Path(path), &pair)?;
         let mut fds = [None, None];
         let mut stat = None;
@@ -393,13 +396,16 @@ impl MirrorFs {
     }
 
     fn do_open(&self, ino: u64, flags: i32) -> io::Result<u64> {
-        if flags & libc::O_ACCMODE != libc::O_RDONLY {
+        let effect = if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
             self.writable()?;
-        }
+            Effect::Changes
+        } else {
+            Effect::Opens
+        };
         let path = self.nodes.path(ino)?;
         let p = path.clone();
         let fl = backing_flags(flags);
-        let (_, _, fds) = self.open_both("open", &path, move |v| {
+        let (_, _, fds) = self.open_both("open", &path, effect, move |v| {
             let fd = v.open_file(&p, fl)?;
             let st = volume::fstat(std::os::fd::AsFd::as_fd(&fd))?;
             Ok((fd, st))
@@ -424,7 +430,7 @@ impl MirrorFs {
         let p = path.clone();
         let fl = backing_flags(flags) | (flags & (libc::O_EXCL | libc::O_TRUNC));
         let mode = mode & !umask & 0o7777;
-        let (side, st, fds) = self.open_both("create", &path, move |v| {
+        let (side, st, fds) = self.open_both("create", &path, Effect::Changes, move |v| {
             let (fd, _) = v.create(&p, fl, mode, owner)?;
             let st = volume::fstat(std::os::fd::AsFd::as_fd(&fd))?;
             Ok((fd, st))
@@ -794,7 +800,16 @@ impl Filesystem for MirrorFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.files.remove(fh.0);
+        if let Some(f) = self.files.remove(fh.0) {
+            // Closing a file on a hung side blocks (the kernel's FLUSH cannot
+            // be interrupted), so a down side's fds are closed off this thread.
+            match Arc::try_unwrap(f) {
+                Ok(mut file) => self
+                    .engine
+                    .retire(file.take_fds(|side| !self.engine.health.is_up(side))),
+                Err(shared) => self.engine.retire(shared),
+            }
+        }
         reply.ok();
     }
 

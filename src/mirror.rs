@@ -63,6 +63,14 @@ pub enum Policy {
     NoSwitch,
 }
 
+/// Whether an operation run on both sides changes them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Effect {
+    Changes,
+    /// Opens a file on each side without changing it (a read-only open).
+    Opens,
+}
+
 /// What the caller is told.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Answer {
@@ -219,6 +227,7 @@ pub struct Engine {
     resolver: OnceLock<Resolver>,
     pending: Mutex<BTreeSet<PathBuf>>,
     divergences: AtomicU64,
+    retired: Sender<Box<dyn Send>>,
 }
 
 fn eio() -> io::Error {
@@ -243,7 +252,14 @@ impl Engine {
                 health.start_out_of_service(side, SideState::Down, Some(libc::ENOENT));
             }
         }
+        let (retired, graveyard) = crossbeam_channel::unbounded::<Box<dyn Send>>();
+        thread::Builder::new().name("closer".into()).spawn(move || {
+            for thing in graveyard {
+                drop(thing);
+            }
+        })?;
         Ok(Engine {
+            retired,
             vols: [primary.map(Arc::new), mirror.map(Arc::new)],
             health,
             events,
@@ -328,6 +344,18 @@ impl Engine {
                 "the {side} could not be taken out of service: the {} is not up",
                 side.other()
             ))
+        }
+    }
+
+    /// Drops `thing` (open files) on the closer thread while a side is out
+    /// of service: closing a file on a hung FUSE or network side waits for
+    /// it (the kernel's FLUSH cannot be interrupted).
+    pub fn retire<T: Send + 'static>(&self, thing: T) {
+        if Side::BOTH.iter().all(|s| self.health.is_up(*s)) {
+            drop(thing);
+        } else if let Err(e) = self.retired.send(Box::new(thing)) {
+            // The closer is gone only at exit; leak rather than block.
+            std::mem::forget(e.into_inner());
         }
     }
 
@@ -498,6 +526,12 @@ impl Engine {
         }
     }
 
+    /// True when changes are refused: fail-stop (`noswitch`) with a side
+    /// out of service.
+    pub fn changes_refused(&self) -> bool {
+        self.config.policy == Policy::NoSwitch && Side::BOTH.iter().any(|s| !self.health.is_up(*s))
+    }
+
     /// Runs a change on every side that is up, concurrently, each on its
     /// own lane: `pf` on the primary, `mf` on the mirror.
     pub fn change2<T: Send + 'static>(
@@ -505,9 +539,19 @@ impl Engine {
         pf: impl FnOnce(&Volume) -> io::Result<T> + Send + 'static,
         mf: impl FnOnce(&Volume) -> io::Result<T> + Send + 'static,
     ) -> Pair<T> {
-        // Fail-stop refuses before touching anything, so no change lands on
-        // one side only.
-        if self.config.policy == Policy::NoSwitch && Side::BOTH.iter().any(|s| !self.health.is_up(*s)) {
+        self.on_both(Effect::Changes, pf, mf)
+    }
+
+    /// Runs `pf` and `mf` on the sides that are up. For `Effect::Changes`,
+    /// fail-stop refuses before touching anything, so that no change lands
+    /// on one side only; opening a file for reading is not refused.
+    pub fn on_both<T: Send + 'static>(
+        &self,
+        effect: Effect,
+        pf: impl FnOnce(&Volume) -> io::Result<T> + Send + 'static,
+        mf: impl FnOnce(&Volume) -> io::Result<T> + Send + 'static,
+    ) -> Pair<T> {
+        if effect == Effect::Changes && self.changes_refused() {
             return Pair {
                 results: [None, None],
                 refused: true,
@@ -529,9 +573,18 @@ impl Engine {
         &self,
         f: impl Fn(Side, &Volume) -> io::Result<T> + Send + Sync + 'static,
     ) -> Pair<T> {
+        self.each(Effect::Changes, f)
+    }
+
+    /// `on_both` with one closure for both sides.
+    pub fn each<T: Send + 'static>(
+        &self,
+        effect: Effect,
+        f: impl Fn(Side, &Volume) -> io::Result<T> + Send + Sync + 'static,
+    ) -> Pair<T> {
         let f = Arc::new(f);
         let g = f.clone();
-        self.change2(move |v| f(Side::Primary, v), move |v| g(Side::Mirror, v))
+        self.on_both(effect, move |v| f(Side::Primary, v), move |v| g(Side::Mirror, v))
     }
 
     /// Settles a pair of results: applies the decision to health, records

@@ -283,6 +283,15 @@ impl OpenFile {
             .map(|f| f.as_fd())
             .ok_or_else(|| io::Error::from_raw_os_error(libc::EIO))
     }
+
+    /// Takes out the fds of the sides for which `pick` is true.
+    pub fn take_fds(&mut self, pick: impl Fn(Side) -> bool) -> Vec<OwnedFd> {
+        Side::BOTH
+            .into_iter()
+            .filter(|s| pick(*s))
+            .filter_map(|s| self.fds[s.index()].take())
+            .collect()
+    }
 }
 
 /// An open directory: a snapshot of the primary's listing, refreshed when

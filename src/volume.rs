@@ -412,18 +412,22 @@ impl Volume {
         fsync(fd.as_fd(), datasync)
     }
 
-    /// Checks that the side takes a durable write: a small file in its
-    /// metadata directory is written, synced and removed. A side whose
-    /// metadata directory is gone (an empty mountpoint left by an unmounted
-    /// disk) fails with ENOENT.
+    /// Checks that the side takes a durable change: a directory in its
+    /// metadata directory is made and removed, and the filesystem synced. A
+    /// side whose metadata directory is gone (an empty mountpoint left by an
+    /// unmounted disk) fails with ENOENT. No regular file is opened: closing
+    /// one on a hung FUSE side would block beyond any signal.
     pub fn probe(&self) -> io::Result<()> {
         self.statvfs()?;
         let rel = Path::new(META_DIR).join("probe");
-        let fd = self.openat2(&rel, libc::O_CREAT | libc::O_TRUNC | libc::O_WRONLY, 0o600)?;
-        pwrite_all(fd.as_fd(), &[0u8; 4096], 0)?;
-        fsync(fd.as_fd(), false)?;
-        drop(fd);
-        self.unlink(&rel)
+        match self.rmdir(&rel) {
+            Err(e) if e.raw_os_error() != Some(libc::ENOENT) => return Err(e),
+            _ => {}
+        }
+        self.mkdir(&rel, 0o700, Owner { uid: 0, gid: 0 })?;
+        self.rmdir(&rel)?;
+        // SAFETY: syncfs on an fd we own.
+        cvt(unsafe { libc::syncfs(self.root.as_raw_fd()) }).map(drop)
     }
 }
 
