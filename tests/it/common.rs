@@ -164,8 +164,19 @@ impl Mounted {
 
     /// Unmounts and waits for the daemon; panics if it does not exit cleanly.
     pub fn unmount(&mut self) {
-        if is_mounted(&self.mnt) {
-            ok(Command::new(BIN).arg("unmount").arg(&self.mnt));
+        // A process that was just stopped (a database server whose working
+        // directory is the mount) may hold the mount busy for a moment.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while is_mounted(&self.mnt) {
+            let out = run(Command::new(BIN).arg("unmount").arg(&self.mnt));
+            if out.status.success() {
+                break;
+            }
+            let busy = String::from_utf8_lossy(&out.stderr).contains("busy");
+            if !busy || Instant::now() > deadline {
+                ok(Command::new(BIN).arg("unmount").arg(&self.mnt));
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
         if let Some(mut c) = self.child.take() {
             let deadline = Instant::now() + Duration::from_secs(30);
