@@ -959,7 +959,11 @@ def versions(mirrorfs_bin: Path, from_repo: bool) -> dict:
     if from_repo:
         git = ["git", "-c", f"safe.directory={REPO}", "-C", str(REPO)]
         commit = first_line(git + ["rev-parse", "--short=12", "HEAD"]) or "unknown"
-        st = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+        st = subprocess.run(
+            git + ["status", "--porcelain", "--untracked-files=no", "--", "src", "Cargo.toml", "Cargo.lock", "build.rs"],
+            capture_output=True,
+            text=True,
+        )
         if st.stdout.strip():
             commit += "+uncommitted changes"
     return dict(
@@ -1209,6 +1213,10 @@ def run_all(args, cfg, targets, workloads, workdir, mirrorfs_bin, json_path, sta
                     if left:
                         raise SystemExit(f"bench.py: still mounted after teardown: {left}")
                     shutil.rmtree(cell, ignore_errors=True)
+                # Write back this cell's deletions (and, on a filesystem
+                # mounted with discard, their discards) now, not inside the
+                # next cell's measurement.
+                os.sync()
                 secs = time.monotonic() - t0
                 if err:
                     errors.append(dict(rep=rep, workload=wl, target=tname, error=err))
