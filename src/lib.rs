@@ -9,6 +9,7 @@ pub mod control;
 pub mod daemon;
 pub mod events;
 pub mod fs;
+pub mod handoff;
 pub mod health;
 pub mod meta;
 pub mod mirror;

@@ -27,9 +27,10 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{Receiver, Sender};
 
 use crate::events::{Event, Events, Kind};
+use crate::handoff::{self, RecvTimeoutError};
 use crate::health::{Health, OP_FAIL, SideState, errno_name, is_side_failure};
 use crate::spec::Side;
 use crate::volume::Volume;
@@ -181,7 +182,7 @@ pub enum Subject<'a> {
 type Job = Box<dyn FnOnce() + Send>;
 /// A read, run on whichever side answers.
 type ReadFn<T> = Arc<dyn Fn(Side, &Volume) -> io::Result<T> + Send + Sync>;
-type Results<T> = Sender<(Side, Option<io::Result<T>>)>;
+type Results<T> = handoff::Sender<(Side, Option<io::Result<T>>)>;
 
 /// Starts a lane: `threads` workers taking jobs for one side.
 fn lane(side: Side, threads: usize) -> io::Result<Sender<Job>> {
@@ -398,7 +399,7 @@ impl Engine {
         let job: Job = Box::new(move || {
             // Checked again here: the side may have gone down while queued.
             let r = health.is_up(side).then(|| f(&vol));
-            let _ = tx.send((side, r));
+            tx.send((side, r));
         });
         self.lanes[side.index()]
             .read()
@@ -410,7 +411,11 @@ impl Engine {
     /// Collects the results of the sides in `asked`. While both are asked,
     /// the first to answer gives the other `side_timeout` from the start;
     /// one that has not answered by then gets ETIMEDOUT.
-    fn gather<T>(&self, rx: Receiver<(Side, Option<io::Result<T>>)>, asked: [bool; 2]) -> [Option<io::Result<T>>; 2] {
+    fn gather<T>(
+        &self,
+        rx: handoff::Receiver<(Side, Option<io::Result<T>>)>,
+        asked: [bool; 2],
+    ) -> [Option<io::Result<T>>; 2] {
         let mut out: [Option<io::Result<T>>; 2] = [None, None];
         let mut waiting = asked;
         let deadline = Instant::now() + self.config.side_timeout;
@@ -420,12 +425,12 @@ impl Engine {
                     Err(RecvTimeoutError::Timeout) if waiting[0] && waiting[1] => {
                         // Neither answered in time: the first to answer
                         // stays, the other is the one that hung.
-                        rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
+                        rx.recv()
                     }
                     r => r,
                 }
             } else {
-                rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
+                rx.recv()
             };
             match got {
                 Ok((side, r)) => {
@@ -451,7 +456,7 @@ impl Engine {
 
     /// Runs a read on one side; a side that went down meanwhile is `None`.
     fn read_on<T: Send + 'static>(&self, side: Side, f: &ReadFn<T>) -> Option<io::Result<T>> {
-        let (tx, rx) = crossbeam_channel::bounded(1);
+        let (tx, rx) = handoff::channel();
         let g = f.clone();
         let asked = self.dispatch(side, move |v| g(side, v), tx);
         // A deadline only while the other side could answer instead.
@@ -516,11 +521,11 @@ impl Engine {
         limit: Duration,
         f: impl FnOnce(&Volume) -> io::Result<T> + Send + 'static,
     ) -> Option<T> {
-        let (tx, rx) = crossbeam_channel::bounded(1);
+        let (tx, rx) = handoff::channel();
         if !self.dispatch(side, f, tx) {
             return None;
         }
-        match rx.recv_timeout(limit) {
+        match rx.recv_deadline(Instant::now() + limit) {
             Ok((_, Some(Ok(v)))) => Some(v),
             _ => None,
         }
@@ -557,7 +562,7 @@ impl Engine {
                 refused: true,
             };
         }
-        let (tx, rx) = crossbeam_channel::bounded(2);
+        let (tx, rx) = handoff::channel();
         let asked = [
             self.dispatch(Side::Primary, pf, tx.clone()),
             self.dispatch(Side::Mirror, mf, tx),

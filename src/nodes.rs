@@ -110,9 +110,14 @@ impl Nodes {
         {
             inner.drop_name(old, parent, name);
         }
+        // A node that has lost every name (unlinked, perhaps still open)
+        // is not this object even if the backing inode number was reused:
+        // a new file gets a new inode number, so the kernel never mixes a
+        // deleted file's cached pages or size into it.
+        let live = |n: &Node| !n.names.is_empty();
         let ino = match inner.by_key.get(&key) {
-            Some(&ino) => ino,
-            None => {
+            Some(&ino) if ino == ROOT || inner.nodes.get(&ino).is_some_and(live) => ino,
+            _ => {
                 let ino = inner.next;
                 inner.next += 1;
                 inner.nodes.insert(
@@ -362,6 +367,21 @@ mod tests {
             dev: 1,
             ino,
         }
+    }
+
+    #[test]
+    fn a_reused_backing_inode_is_a_new_node_while_the_old_one_is_unlinked() {
+        let n = Nodes::new(key(1));
+        let a = n.remember(ROOT, OsStr::new("journal"), key(7));
+        n.unlinked(ROOT, OsStr::new("journal"));
+        // The kernel still holds `a` (an open, deleted file); the backing
+        // filesystem hands out inode 7 again to a new file.
+        let b = n.remember(ROOT, OsStr::new("journal"), key(7));
+        assert_ne!(a, b);
+        assert_eq!(n.path(b).unwrap(), PathBuf::from("journal"));
+        n.forget(a, 1);
+        // Forgetting the old node leaves the new one reachable by key.
+        assert_eq!(n.remember(ROOT, OsStr::new("journal"), key(7)), b);
     }
 
     #[test]
