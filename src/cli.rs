@@ -73,6 +73,14 @@ pub enum Command {
         follow: bool,
         mountpoint: PathBuf,
     },
+    /// Compare the two sides entry by entry; exit 1 if they differ.
+    Verify {
+        /// One JSON object.
+        #[arg(long)]
+        json: bool,
+        /// A mirrorfs mountpoint (online), or 'PRIMARY|MIRROR' (offline).
+        target: String,
+    },
     /// Take a side out of service by hand (needs root or the user who mounted).
     Fail {
         mountpoint: PathBuf,

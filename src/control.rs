@@ -403,6 +403,11 @@ fn read_one<T: for<'de> Deserialize<'de>>(r: &mut BufReader<UnixStream>, mnt: &P
         .map_err(|e| Failure::Unknown(format!("bad answer from the daemon of {}: {e}", mnt.display())))
 }
 
+/// The status of the mirrorfs mount at `mountpoint`, as its daemon reports it.
+pub fn query(mountpoint: &Path) -> Result<Status, Failure> {
+    query_status(&mountpoint_of(mountpoint))
+}
+
 fn query_status(mnt: &Path) -> Result<Status, Failure> {
     let mut r = connect(mnt, &Request::Status, Some(CLIENT_TIMEOUT))?;
     read_one(&mut r, mnt)

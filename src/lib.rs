@@ -58,6 +58,7 @@ pub fn run(args: Vec<String>) -> ExitCode {
             mountpoint,
         } => control::events(&mountpoint, json, follow),
         cli::Command::Fail { mountpoint, side } => control::fail(&mountpoint, side),
+        cli::Command::Verify { json, target } => verify::run(&target, json),
     };
     match r {
         Ok(code) => ExitCode::from(code),

@@ -2,8 +2,9 @@
 //! symlink target, xattrs, xxh3 content hash, and which paths are hard links
 //! of each other. The metadata directory at the root is left out.
 //!
-//! Owns: the offline comparison (used by tests and by `verify`). Knows
-//! nothing of the daemon.
+//! Owns: the comparison (used by tests) and `mirrorfs verify`. Online it
+//! asks the daemon only for the two sides' paths and states; it then reads
+//! both trees itself, in parallel.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::CString;
@@ -319,4 +320,95 @@ mod tests {
             );
         }
     }
+}
+
+/// How many times online verify looks again at paths that differ before it
+/// reports them, and how long it waits between looks: a file being written
+/// may differ for the moment between its two writes.
+const RECHECKS: u32 = 3;
+const RECHECK_PAUSE: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// The outcome of `mirrorfs verify`, for `--json`.
+#[derive(Debug, serde::Serialize)]
+struct Report {
+    primary: PathBuf,
+    mirror: PathBuf,
+    online: bool,
+    differences: Vec<DiffJson>,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct DiffJson {
+    path: String,
+    what: String,
+}
+
+/// `mirrorfs verify [--json] (MOUNTPOINT | 'PRIMARY|MIRROR')`: 0 when the
+/// sides are identical, 1 when they differ or cannot be compared.
+pub fn run(target: &str, json: bool) -> Result<u8, crate::daemon::Failure> {
+    use crate::daemon::Failure;
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+    let (primary, mirror, online) = if target.contains('|') {
+        let (p, m) = crate::spec::split_spec(target).map_err(Failure::Usage)?;
+        (
+            crate::spec::absolutize(&p, &cwd),
+            crate::spec::absolutize(&m, &cwd),
+            false,
+        )
+    } else {
+        let st = crate::control::query(Path::new(target))?;
+        if let Some(s) = st.sides.iter().find(|s| s.state != "UP") {
+            return Err(Failure::Runtime(format!(
+                "the {} of {} is {}: there is nothing to compare it with until it is back",
+                s.side,
+                st.mountpoint.display(),
+                s.state
+            )));
+        }
+        let path = |side| st.sides.iter().find(|s| s.side == side).map(|s| s.path.clone());
+        match (path(crate::spec::Side::Primary), path(crate::spec::Side::Mirror)) {
+            (Some(p), Some(m)) => (p, m, true),
+            _ => return Err(Failure::Runtime("the daemon did not name both sides".into())),
+        }
+    };
+    let compare = || {
+        compare_trees(&primary, &mirror)
+            .map_err(|e| Failure::Runtime(format!("comparing {} and {}: {e}", primary.display(), mirror.display())))
+    };
+    let mut diffs = compare()?;
+    // Online, a difference must persist: a change in flight is applied to
+    // both sides within moments.
+    let mut looks = 0;
+    while online && !diffs.is_empty() && looks < RECHECKS {
+        std::thread::sleep(RECHECK_PAUSE);
+        let again = compare()?;
+        diffs.retain(|d| again.iter().any(|a| a.path == d.path));
+        looks += 1;
+    }
+    if json {
+        let report = Report {
+            primary: primary.clone(),
+            mirror: mirror.clone(),
+            online,
+            differences: diffs
+                .iter()
+                .map(|d| DiffJson {
+                    path: format!("/{}", d.path.display()),
+                    what: d.what.clone(),
+                })
+                .collect(),
+        };
+        println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+    } else {
+        for d in &diffs {
+            println!("/{}: {}", d.path.display(), d.what);
+        }
+        println!(
+            "{} difference(s) between {} and {}",
+            diffs.len(),
+            primary.display(),
+            mirror.display()
+        );
+    }
+    Ok(if diffs.is_empty() { 0 } else { 1 })
 }

@@ -9,4 +9,5 @@ mod cli;
 mod failover;
 mod faults;
 mod posix;
+mod verify;
 mod workloads;
