@@ -808,12 +808,16 @@ impl Filesystem for MirrorFs {
         reply: ReplyEmpty,
     ) {
         if let Some(f) = self.files.remove(fh.0) {
-            // Closing a file on a hung side blocks (the kernel's FLUSH cannot
-            // be interrupted), so a down side's fds are closed off this thread.
+            // Each side's fd is closed on that side's lane: a close on a hung
+            // side blocks, and must not block this thread.
             match Arc::try_unwrap(f) {
-                Ok(mut file) => self
-                    .engine
-                    .retire(file.take_fds(|side| !self.engine.health.is_up(side))),
+                Ok(mut file) => {
+                    for side in Side::BOTH {
+                        for fd in file.take_fds(|s| s == side) {
+                            self.engine.close_on(side, fd);
+                        }
+                    }
+                }
                 Err(shared) => self.engine.retire(shared),
             }
         }

@@ -348,14 +348,31 @@ impl Engine {
         }
     }
 
-    /// Drops `thing` (open files) on the closer thread while a side is out
-    /// of service: closing a file on a hung FUSE or network side waits for
-    /// it (the kernel's FLUSH cannot be interrupted).
+    /// Drops `thing` (open files) on the closer thread, off the request
+    /// path: closing a file on a hung FUSE or network side waits for it (the
+    /// kernel's FLUSH cannot be interrupted).
     pub fn retire<T: Send + 'static>(&self, thing: T) {
-        if Side::BOTH.iter().all(|s| self.health.is_up(*s)) {
-            drop(thing);
-        } else if let Err(e) = self.retired.send(Box::new(thing)) {
+        if let Err(e) = self.retired.send(Box::new(thing)) {
             // The closer is gone only at exit; leak rather than block.
+            std::mem::forget(e.into_inner());
+        }
+    }
+
+    /// Closes a side's file on that side's lane, never in the caller's
+    /// thread: a close is a call on the side like any other, and on a hung
+    /// FUSE or network side it blocks (the kernel's FLUSH cannot be
+    /// interrupted). A side that is down gets it on the closer thread.
+    pub fn close_on(&self, side: Side, fd: std::os::fd::OwnedFd) {
+        if !self.health.is_up(side) {
+            return self.retire(fd);
+        }
+        let job: Job = Box::new(move || drop(fd));
+        if let Err(e) = self.lanes[side.index()]
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(job)
+        {
+            // The lane is gone only at exit; leak rather than block.
             std::mem::forget(e.into_inner());
         }
     }

@@ -517,6 +517,62 @@ fn hung_mirror_times_out_and_unmount_still_works() {
 }
 
 #[test]
+fn hung_primary_times_out_and_reads_and_writes_go_to_the_mirror() {
+    let test = "hung_primary_times_out_and_reads_and_writes_go_to_the_mirror";
+    if !fuse_available(test) {
+        return;
+    }
+    let s = Sshfs::new();
+    let mut m = Mounted::on_sides(test, Some(&s.side()), None, "side_timeout=2").unwrap();
+    let _resume = s.resume_on_drop();
+    write_synced(&m.path("before"), &noise(32 << 10, 1)).unwrap();
+    // Opened before the hang: the handle goes on through the mirror.
+    let held = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.path("before"))
+        .unwrap();
+    s.hang();
+    let p = m.path("during");
+    let (r, took) = within(Duration::from_secs(8), move || write_synced(&p, &noise(32 << 10, 2)))
+        .expect("an fsync'd write with the primary hung did not finish within 8 s (side_timeout=2)");
+    r.expect("write with the primary hung");
+    eprintln!("hung primary: fsync'd write answered after {:.2} s", took.as_secs_f64());
+    assert_down(&m.mnt, "primary", "ETIMEDOUT");
+    let mnt = m.mnt.clone();
+    let (r, took) = within(Duration::from_secs(5), move || -> io::Result<()> {
+        assert_same(&fs::read(mnt.join("before"))?, &noise(32 << 10, 1), "before");
+        assert_same(&fs::read(mnt.join("during"))?, &noise(32 << 10, 2), "during");
+        fs::read_dir(&mnt)?.count();
+        Ok(())
+    })
+    .expect("reads with the primary down and hung took over 5 s");
+    r.expect("reads after the timeout");
+    eprintln!("hung primary: reads in {:.3} s", took.as_secs_f64());
+    held.write_all_at(b"still writable", 0).unwrap();
+    held.sync_all().unwrap();
+    drop(held);
+    let out = run_within(Command::new(BIN).arg("unmount").arg(&m.mnt), Duration::from_secs(20));
+    assert!(out.status.success(), "unmount with the primary hung:\n{}", text(&out));
+    assert!(!is_mounted(&m.mnt));
+    // See the hung-mirror test: the daemon ends once the side answers.
+    s.resume();
+    m.unmount();
+    let mut want = noise(32 << 10, 1);
+    want[..14].copy_from_slice(b"still writable");
+    assert_same(
+        &fs::read(m.mirror.join("before")).unwrap(),
+        &want,
+        "before, on the mirror",
+    );
+    assert_same(
+        &fs::read(m.mirror.join("during")).unwrap(),
+        &noise(32 << 10, 2),
+        "during, on the mirror",
+    );
+}
+
+#[test]
 fn noswitch_returns_eio_and_reports_the_side() {
     let test = "noswitch_returns_eio_and_reports_the_side";
     if !fuse_available(test) {
