@@ -437,13 +437,13 @@ pub fn status(mountpoint: Option<&Path>, json: bool) -> Result<u8, Failure> {
     let mut worst = EXIT_HEALTHY;
     let mut all = Vec::new();
     for (i, m) in mounts.iter().enumerate() {
+        if !json && i > 0 {
+            println!();
+        }
         match query_status(&m.mountpoint) {
             Ok(st) => {
                 worst = worst.max(st.exit_code());
                 if !json {
-                    if i > 0 {
-                        println!();
-                    }
                     print!("{}", st.to_text());
                 }
                 all.push(serde_json::to_value(&st).unwrap_or_default());
@@ -451,9 +451,6 @@ pub fn status(mountpoint: Option<&Path>, json: bool) -> Result<u8, Failure> {
             Err(f) => {
                 worst = worst.max(f.exit_code());
                 if !json {
-                    if i > 0 {
-                        println!();
-                    }
                     println!(
                         "{:>8}: {}\n{:>8}: UNKNOWN ({})",
                         "mount",

@@ -22,7 +22,7 @@ use nix::sys::signal::{SigSet, Signal};
 use crate::control::{self, Control};
 use crate::events::{Event, Events, Kind};
 use crate::fs::{FsConfig, MirrorFs};
-use crate::health::{Health, Probe, SideState, errno_name};
+use crate::health::{Health, Probe, SideState, errno_label, errno_name};
 use crate::meta;
 use crate::mirror::{Engine, EngineConfig, Policy};
 use crate::spec::{MountSpec, Options, Side};
@@ -412,7 +412,7 @@ fn serve(p: Prepared, ready: &mut Option<File>) -> Result<(), Failure> {
             && let Some(survivor) = &vols[side.other().index()]
             && matches!(meta::read_stale(&survivor.path), Ok(None))
         {
-            let errno = errno.map(errno_name).unwrap_or_else(|| "-".into());
+            let errno = errno_label(errno);
             meta::record_stale(&survivor.path, side, op, &errno).map_err(|e| rt("recording the absent side", &e))?;
         }
     }
@@ -436,7 +436,7 @@ fn serve(p: Prepared, ready: &mut Option<File>) -> Result<(), Failure> {
     let roots = [spec.primary.clone(), spec.mirror.clone()];
     engine.set_on_down(Box::new(move |side, op, errno| {
         let survivor = &roots[side.other().index()];
-        let errno = errno.map(errno_name).unwrap_or_else(|| "-".into());
+        let errno = errno_label(errno);
         if let Err(e) = meta::record_stale(survivor, side, op, &errno) {
             log::error!(
                 "side={side} cannot record the side as stale on {}: {e}",

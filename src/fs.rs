@@ -813,7 +813,7 @@ impl Filesystem for MirrorFs {
             match Arc::try_unwrap(f) {
                 Ok(mut file) => {
                     for side in Side::BOTH {
-                        for fd in file.take_fds(|s| s == side) {
+                        if let Some(fd) = file.take_fd(side) {
                             self.engine.close_on(side, fd);
                         }
                     }

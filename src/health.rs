@@ -145,6 +145,11 @@ pub fn errno_name(errno: i32) -> String {
     }
 }
 
+/// `errno_name`, or "-" where there is no errno (a side taken down by hand).
+pub fn errno_label(errno: Option<i32>) -> String {
+    errno.map(errno_name).unwrap_or_else(|| "-".into())
+}
+
 /// The state of both sides.
 #[derive(Debug)]
 pub struct Health {
@@ -194,10 +199,7 @@ impl Health {
             op: op.to_string(),
             errno,
         });
-        log::warn!(
-            "side={side} state=DOWN op={op} errno={}",
-            errno.map(errno_name).unwrap_or_else(|| "-".into())
-        );
+        log::warn!("side={side} state=DOWN op={op} errno={}", errno_label(errno));
         true
     }
 

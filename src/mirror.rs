@@ -31,7 +31,7 @@ use crossbeam_channel::{Receiver, Sender};
 
 use crate::events::{Event, Events, Kind};
 use crate::handoff::{self, RecvTimeoutError};
-use crate::health::{Health, OP_FAIL, SideState, errno_name, is_side_failure};
+use crate::health::{Health, OP_FAIL, SideState, errno_label, errno_name, is_side_failure};
 use crate::spec::Side;
 use crate::volume::Volume;
 
@@ -312,7 +312,7 @@ impl Engine {
         }
         log::warn!(
             "side={side} op={op} errno={} carrying on with the {}",
-            errno.map(errno_name).unwrap_or_else(|| "-".into()),
+            errno_label(errno),
             side.other()
         );
         if let Some(f) = &self.on_down {
@@ -366,15 +366,20 @@ impl Engine {
         if !self.health.is_up(side) {
             return self.retire(fd);
         }
-        let job: Job = Box::new(move || drop(fd));
-        if let Err(e) = self.lanes[side.index()]
+        // If the lane is gone (only at exit), the fd is leaked with the job
+        // rather than closed here.
+        if let Err(job) = self.queue(side, Box::new(move || drop(fd))) {
+            std::mem::forget(job);
+        }
+    }
+
+    /// Puts `job` on `side`'s lane; gives it back if the lane is gone.
+    fn queue(&self, side: Side, job: Job) -> Result<(), Job> {
+        self.lanes[side.index()]
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .send(job)
-        {
-            // The lane is gone only at exit; leak rather than block.
-            std::mem::forget(e.into_inner());
-        }
+            .map_err(|e| e.into_inner())
     }
 
     pub fn volume(&self, side: Side) -> io::Result<&Volume> {
@@ -418,11 +423,7 @@ impl Engine {
             let r = health.is_up(side).then(|| f(&vol));
             tx.send((side, r));
         });
-        self.lanes[side.index()]
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .send(job)
-            .is_ok()
+        self.queue(side, job).is_ok()
     }
 
     /// Collects the results of the sides in `asked`. While both are asked,

@@ -289,13 +289,9 @@ impl OpenFile {
             .ok_or_else(|| io::Error::from_raw_os_error(libc::EIO))
     }
 
-    /// Takes out the fds of the sides for which `pick` is true.
-    pub fn take_fds(&mut self, pick: impl Fn(Side) -> bool) -> Vec<OwnedFd> {
-        Side::BOTH
-            .into_iter()
-            .filter(|s| pick(*s))
-            .filter_map(|s| self.fds[s.index()].take())
-            .collect()
+    /// Takes out `side`'s fd, to be closed elsewhere.
+    pub fn take_fd(&mut self, side: Side) -> Option<OwnedFd> {
+        self.fds[side.index()].take()
     }
 }
 

@@ -134,9 +134,20 @@ impl Mounted {
         } else {
             format!("create,{opts}")
         };
+        self.spawn(&o);
+    }
+
+    /// Starts `mirrorfs mount -f [-o opts]` on this pair and waits until the
+    /// mount appears.
+    fn spawn(&mut self, opts: &str) {
         let spec = format!("{}|{}", self.primary.display(), self.mirror.display());
-        let child = Command::new(BIN)
-            .args(["mount", "-f", "-o", &o, &spec])
+        let mut cmd = Command::new(BIN);
+        cmd.args(["mount", "-f"]);
+        if !opts.is_empty() {
+            cmd.args(["-o", opts]);
+        }
+        let child = cmd
+            .arg(&spec)
             .arg(&self.mnt)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
@@ -146,7 +157,8 @@ impl Mounted {
         let deadline = Instant::now() + Duration::from_secs(20);
         while !is_mounted(&self.mnt) {
             if let Some(st) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("mirrorfs exited before mounting: {st}");
+                self.child = None;
+                panic!("mirrorfs mount -f -o '{opts}' '{spec}' exited before mounting: {st}");
             }
             assert!(Instant::now() < deadline, "mount did not appear within 20 s");
             std::thread::sleep(Duration::from_millis(20));
@@ -353,29 +365,7 @@ impl Mounted {
             child: None,
             extra_mounts: Vec::new(),
         };
-        let spec = format!("{}|{}", m.primary.display(), m.mirror.display());
-        let mut cmd = Command::new(BIN);
-        cmd.args(["mount", "-f"]);
-        if !opts.is_empty() {
-            cmd.args(["-o", opts]);
-        }
-        let child = cmd
-            .arg(&spec)
-            .arg(&m.mnt)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn mirrorfs");
-        m.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !is_mounted(&m.mnt) {
-            if let Some(st) = m.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                m.child = None;
-                panic!("mirrorfs mount -f -o '{opts}' '{spec}' exited before mounting: {st}");
-            }
-            assert!(Instant::now() < deadline, "mount did not appear within 20 s");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        m.spawn(opts);
         Some(m)
     }
 }
