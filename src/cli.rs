@@ -75,6 +75,10 @@ pub enum Command {
     },
     /// Compare the two sides entry by entry; exit 1 if they differ.
     Verify {
+        /// Copy the good side over the bad one where they differ (online:
+        /// from the primary; offline: from the side that is not stale).
+        #[arg(long)]
+        repair: bool,
         /// One JSON object.
         #[arg(long)]
         json: bool,
@@ -86,6 +90,19 @@ pub enum Command {
         mountpoint: PathBuf,
         /// primary or mirror.
         side: Side,
+    },
+    /// Bring a down, stale or off side back now (needs root or the user who mounted).
+    Resync {
+        /// Compare the whole tree, not only what the journal records.
+        #[arg(long)]
+        full: bool,
+        /// Wait until the resync has ended; exit 1 if it failed.
+        #[arg(long)]
+        wait: bool,
+        /// The side that wins a split brain: the other is made equal to it.
+        #[arg(long, value_name = "primary|mirror")]
+        from: Option<Side>,
+        mountpoint: PathBuf,
     },
 }
 

@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::catchup::{Catchup, Manual, ResyncResult, ResyncStatus};
 use crate::daemon::{Failure, mirrorfs_mounts, runtime_file};
 use crate::events::{Event, read_log, utc};
 use crate::health::{Counters, SideState, errno_name};
@@ -42,6 +43,7 @@ pub enum Request {
     Status,
     Events { follow: bool },
     Fail { side: Side },
+    Resync { manual: Manual, wait: bool },
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,6 +52,8 @@ pub struct Reply {
     pub error: Option<String>,
     #[serde(default)]
     pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,7 +80,7 @@ pub struct SideStatus {
     pub probe: Option<ProbeStatus>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Status {
     pub mountpoint: PathBuf,
     /// HEALTHY, RESYNCING, DEGRADED or SPLIT.
@@ -88,7 +92,10 @@ pub struct Status {
     pub pending_paths: u64,
     pub events_dropped: u64,
     /// Resync progress, while one runs.
-    pub resync: Option<serde_json::Value>,
+    pub resync: Option<ResyncStatus>,
+    /// The last resync that ended, if any since the mount.
+    #[serde(default)]
+    pub last_resync: Option<ResyncResult>,
     pub last_events: Vec<Event>,
 }
 
@@ -183,8 +190,44 @@ impl Status {
             w.push('\n');
         }
         match &self.resync {
-            Some(r) => line(w, "resync", &r.to_string()),
+            Some(r) => {
+                let pct = |a: u64, b: u64| if b == 0 { 100.0 } else { 100.0 * a as f64 / b as f64 };
+                line(
+                    w,
+                    "resync",
+                    &format!(
+                        "the {} since {}: {}/{} files, {}/{} MiB ({:.1}%), {} MiB copied, {:.1} MiB/s, ETA {}",
+                        r.side,
+                        r.started,
+                        r.files_done,
+                        r.files_total,
+                        r.bytes_done >> 20,
+                        r.bytes_total >> 20,
+                        pct(r.bytes_done, r.bytes_total),
+                        r.bytes_copied >> 20,
+                        r.rate as f64 / f64::from(1 << 20),
+                        r.eta_seconds.map_or("unknown".to_string(), |s| format!("{s} s")),
+                    ),
+                )
+            }
             None => line(w, "resync", "none running"),
+        }
+        if let Some(r) = &self.last_resync {
+            line(
+                w,
+                "last",
+                &format!(
+                    "resync of the {} {} at {}: {} files ({} changed), {} bytes copied in {:.1} s{}",
+                    r.side,
+                    if r.ok { "ended" } else { "failed" },
+                    r.finished,
+                    r.files,
+                    r.files_changed,
+                    r.bytes_copied,
+                    r.seconds,
+                    r.error.as_deref().map(|e| format!(": {e}")).unwrap_or_default()
+                ),
+            );
         }
         line(w, "pending", &format!("{} paths out of sync", self.pending_paths));
         if self.events_dropped > 0 {
@@ -208,6 +251,8 @@ impl Status {
 /// What the control server needs of the running mount.
 pub struct Control {
     pub engine: Arc<Engine>,
+    /// The resyncer (none on a read-only mount).
+    pub catchup: Option<Arc<Catchup>>,
     pub spec: MountSpec,
     /// Options as given, for status.
     pub options: String,
@@ -244,10 +289,16 @@ impl Control {
                 }
             })
             .collect();
-        let state = if sides.iter().all(|s| s.state == "UP") {
-            "HEALTHY"
-        } else {
+        let resync = self.catchup.as_ref().and_then(|c| c.progress.current());
+        let pending = self.engine.pending_paths() as u64;
+        let state = if self.engine.split() {
+            "SPLIT"
+        } else if sides.iter().any(|s| s.state == "DOWN" || s.state == "OFF") {
             "DEGRADED"
+        } else if resync.is_some() || pending > 0 || sides.iter().any(|s| s.state == "RESYNCING") {
+            "RESYNCING"
+        } else {
+            "HEALTHY"
         };
         Status {
             mountpoint: self.spec.mountpoint.clone(),
@@ -255,9 +306,10 @@ impl Control {
             pid: std::process::id(),
             options: self.options.clone(),
             sides,
-            pending_paths: self.engine.pending_paths() as u64,
+            pending_paths: pending,
             events_dropped: self.engine.events.dropped(),
-            resync: None,
+            resync,
+            last_resync: self.catchup.as_ref().and_then(|c| c.progress.last()),
             last_events: self.engine.events.recent(),
         }
     }
@@ -317,6 +369,7 @@ fn handle(ctl: &Control, conn: UnixStream) -> io::Result<()> {
                 &Reply {
                     error: Some(format!("bad request: {e}")),
                     ok: false,
+                    ..Reply::default()
                 },
             );
         }
@@ -342,30 +395,74 @@ fn handle(ctl: &Control, conn: UnixStream) -> io::Result<()> {
             }
         }
         Request::Fail { side } => {
-            let uid = nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::PeerCredentials)
-                .map(|c| c.uid())
-                .map_err(io::Error::from)?;
-            let reply = if uid != 0 && uid != ctl.owner {
-                Reply {
-                    error: Some(format!(
-                        "permission denied: only root or the user who mounted (uid {}) may take a side out",
-                        ctl.owner
-                    )),
-                    ok: false,
-                }
-            } else {
-                match ctl.engine.fail(side) {
-                    Ok(()) => Reply { error: None, ok: true },
+            let reply = match allowed(ctl, &conn, "take a side out")? {
+                Err(e) => e,
+                Ok(()) => match ctl.engine.fail(side) {
+                    Ok(()) => Reply { ok: true, ..Reply::default() },
                     Err(e) => Reply {
                         error: Some(e),
                         ok: false,
+                        ..Reply::default()
                     },
+                },
+            };
+            send(&mut w, &reply)?;
+        }
+        Request::Resync { manual, wait } => {
+            let reply = match (allowed(ctl, &conn, "start a resync")?, &ctl.catchup) {
+                (Err(e), _) => e,
+                (Ok(()), None) => Reply {
+                    error: Some("a read-only mount cannot resync".into()),
+                    ok: false,
+                    ..Reply::default()
+                },
+                (Ok(()), Some(c)) => {
+                    let done = c.request(manual);
+                    if wait {
+                        match done.recv() {
+                            Ok(Ok(m)) => Reply {
+                                ok: true,
+                                message: Some(m),
+                                ..Reply::default()
+                            },
+                            Ok(Err(e)) => Reply {
+                                error: Some(e),
+                                ok: false,
+                                ..Reply::default()
+                            },
+                            Err(_) => Reply {
+                                error: Some("the resync thread has gone".into()),
+                                ok: false,
+                                ..Reply::default()
+                            },
+                        }
+                    } else {
+                        Reply { ok: true, ..Reply::default() }
+                    }
                 }
             };
             send(&mut w, &reply)?;
         }
     }
     w.flush()
+}
+
+/// Changes to the mount are for root and the user who mounted.
+fn allowed(ctl: &Control, conn: &UnixStream, what: &str) -> io::Result<Result<(), Reply>> {
+    let uid = nix::sys::socket::getsockopt(conn, nix::sys::socket::sockopt::PeerCredentials)
+        .map(|c| c.uid())
+        .map_err(io::Error::from)?;
+    if uid == 0 || uid == ctl.owner {
+        return Ok(Ok(()));
+    }
+    Ok(Err(Reply {
+        error: Some(format!(
+            "permission denied: only root or the user who mounted (uid {}) may {what}",
+            ctl.owner
+        )),
+        ok: false,
+        ..Reply::default()
+    }))
 }
 
 /// The mountpoint as mountinfo spells it, found without touching the mount
@@ -508,6 +605,34 @@ pub fn fail(mountpoint: &Path, side: Side) -> Result<u8, Failure> {
     Ok(0)
 }
 
+/// Sends a resync request; an error reply is a `Failure`.
+pub fn request_resync(mountpoint: &Path, manual: Manual, wait: bool) -> Result<Reply, Failure> {
+    let mnt = mountpoint_of(mountpoint);
+    let req = Request::Resync { manual, wait };
+    let mut r = connect(&mnt, &req, (!wait).then_some(CLIENT_TIMEOUT)).map_err(|f| match f {
+        Failure::Unknown(m) => Failure::Runtime(m),
+        f => f,
+    })?;
+    let reply: Reply = read_one(&mut r, &mnt)?;
+    if !reply.ok {
+        return Err(Failure::Runtime("the daemon refused".into()));
+    }
+    Ok(reply)
+}
+
+/// `mirrorfs resync`: asks the daemon to catch a side up; with `wait`,
+/// returns once it has ended.
+pub fn resync(mountpoint: &Path, manual: Manual, wait: bool) -> Result<u8, Failure> {
+    let mnt = mountpoint_of(mountpoint);
+    let reply = request_resync(&mnt, manual, wait)?;
+    if wait {
+        println!("{}", reply.message.unwrap_or_default());
+    } else {
+        println!("resync requested for {}; follow it with `mirrorfs status`", mnt.display());
+    }
+    Ok(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -536,6 +661,7 @@ mod tests {
             pending_paths: 0,
             events_dropped: 0,
             resync: None,
+            last_resync: None,
             last_events: Vec::new(),
         }
     }

@@ -19,7 +19,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use nix::sys::signal::{SigSet, Signal};
 
+use crate::catchup::Catchup;
 use crate::control::{self, Control};
+use crate::journal::Intent;
 use crate::events::{Event, Events, Kind};
 use crate::fs::{FsConfig, MirrorFs};
 use crate::health::{Health, Probe, SideState, errno_label, errno_name};
@@ -120,8 +122,12 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
 enum Absent {
     /// Missing or unusable, with this errno (`mirror_skip`, or `ro`).
     Unusable(i32),
-    /// Its peer records it as stale: it missed changes.
+    /// Its peer records it as stale: it missed changes. It is opened, and
+    /// caught up once the mount is live (unless `noautoresync` or `ro`).
     Stale,
+    /// Both sides took changes the other lacks: this side waits for the
+    /// operator (`mirrorfs resync --from`).
+    Split,
     /// `mirrors=off`.
     Off,
 }
@@ -143,7 +149,6 @@ fn holds_data(root: &Path) -> bool {
 }
 
 fn prepare(spec: &str, mountpoint: &Path, opts: Options) -> Result<Prepared, Failure> {
-    opts.check_served().map_err(Failure::Usage)?;
     let cwd =
         std::env::current_dir().map_err(|e| Failure::Runtime(format!("cannot read the current directory: {e}")))?;
     let spec = crate::spec::validate(spec, mountpoint, &opts, &cwd).map_err(Failure::Usage)?;
@@ -179,23 +184,34 @@ fn prepare(spec: &str, mountpoint: &Path, opts: Options) -> Result<Prepared, Fai
     }
     let roots = |vols: &[Option<Volume>; 2]| [0, 1].map(|i| vols[i].as_ref().map(|v: &Volume| v.path.clone()));
     let r = roots(&vols);
-    let stale = meta::stale_side([r[0].as_deref(), r[1].as_deref()]).map_err(Failure::Runtime)?;
-    if let Some((stale, rec)) = stale
-        && vols[stale.index()].is_some()
-    {
-        if !skip {
-            return Err(Failure::Runtime(format!(
-                "the {stale} is stale: it was taken out of service at {} (op={} {}) and has missed changes since; \
-                 use -o mirror_skip to run on the {} alone, and see README \"Recovery\"",
+    let staleness = meta::staleness([r[0].as_deref(), r[1].as_deref()]).map_err(Failure::Runtime)?;
+    match staleness {
+        meta::Staleness::Stale(stale, rec) if vols[stale.index()].is_some() => {
+            log::warn!(
+                "side={stale} is stale (out of service since {} op={} {}): it is caught up from the {}",
                 rec.since,
                 rec.op,
                 rec.errno,
                 stale.other()
-            )));
+            );
+            absent[stale.index()] = Some(Absent::Stale);
+            // A read-only mount cannot catch it up: it serves the good side alone.
+            if opts.read_only {
+                vols[stale.index()] = None;
+            }
         }
-        log::warn!("side={stale} is stale: the mount goes on without it");
-        vols[stale.index()] = None;
-        absent[stale.index()] = Some(Absent::Stale);
+        meta::Staleness::Split if vols.iter().all(Option::is_some) => {
+            log::warn!("split brain: both sides took changes the other lacks");
+            absent[Side::Mirror.index()] = Some(Absent::Split);
+        }
+        meta::Staleness::Split => {
+            return Err(Failure::Runtime(
+                "split brain: both sides took changes the other lacks; mount both sides together \
+                 and name the winner with `mirrorfs resync --from primary|mirror`"
+                    .into(),
+            ));
+        }
+        _ => {}
     }
     if vols.iter().all(Option::is_none) {
         return Err(Failure::Runtime("no side can be served".into()));
@@ -221,17 +237,11 @@ fn prepare(spec: &str, mountpoint: &Path, opts: Options) -> Result<Prepared, Fai
                 && had[side.other().index()]
                 && holds_data(peer)
             {
+                let full = crate::journal::tree(Path::new(""));
                 meta::record_stale(peer, side, "join", "ENODATA")
+                    .and_then(|_| crate::journal::PathLog::open(meta::journal_path(peer))?.record(&[&full]))
                     .map_err(|e| Failure::Runtime(format!("recording the new {side} as stale: {e}")))?;
-                if !opts.mirror_skip {
-                    return Err(Failure::Runtime(format!(
-                        "the {side} is new to this pair and lacks the {}'s data: \
-                         use -o mirror_skip to run on the {} alone, and see README \"Recovery\"",
-                        side.other(),
-                        side.other()
-                    )));
-                }
-                vols[side.index()] = None;
+                log::warn!("side={side} is new to the pair: everything is copied to it");
                 absent[side.index()] = Some(Absent::Stale);
             }
         }
@@ -404,6 +414,10 @@ fn serve(p: Prepared, ready: &mut Option<File>) -> Result<(), Failure> {
             Some(Absent::Off) => (SideState::Off, None, "mirrors=off"),
             Some(Absent::Unusable(e)) => (SideState::Down, Some(e), "mount"),
             Some(Absent::Stale) => (SideState::Down, Some(libc::ESTALE), "mount"),
+            Some(Absent::Split) => {
+                health.make_winner(side.other());
+                continue;
+            }
         };
         health.start_out_of_service(side, state, errno);
         // The survivor records, before anything is served, that this side
@@ -445,6 +459,12 @@ fn serve(p: Prepared, ready: &mut Option<File>) -> Result<(), Failure> {
         }
     }));
     let engine = Arc::new(engine);
+    if absent.contains(&Some(Absent::Split)) {
+        engine.set_split();
+    }
+    if !opts.read_only {
+        start_journals(&engine, &absent).map_err(|e| rt("the journals", &e))?;
+    }
     let fs = MirrorFs::new(
         engine.clone(),
         FsConfig {
@@ -452,6 +472,7 @@ fn serve(p: Prepared, ready: &mut Option<File>) -> Result<(), Failure> {
         },
     )
     .map_err(|e| rt("reading the root", &e))?;
+    let open_files = fs.open_files();
     let fuse_fd = kernel_mount(&spec, &opts).map_err(|e| rt(&format!("mounting {}", spec.mountpoint.display()), &e))?;
     let acl = if opts.allow_other {
         fuser::SessionACL::All
@@ -470,7 +491,14 @@ fn serve(p: Prepared, ready: &mut Option<File>) -> Result<(), Failure> {
     let _ = fs::set_permissions(RUN_DIR, fs::Permissions::from_mode(0o755));
     let pid_file = runtime_file(&spec.mountpoint, "pid");
     let _ = fs::write(&pid_file, format!("{}\n", std::process::id()));
+    let catchup = Arc::new(Catchup::new(
+        engine.clone(),
+        open_files,
+        spec.clone(),
+        !opts.noautoresync && !opts.read_only,
+    ));
     let ctl = Arc::new(Control {
+        catchup: (!opts.read_only).then(|| catchup.clone()),
         engine: engine.clone(),
         spec: spec.clone(),
         options: describe(&opts),
@@ -538,18 +566,44 @@ fn serve(p: Prepared, ready: &mut Option<File>) -> Result<(), Failure> {
             }
         })
         .map_err(|e| rt("signal thread", &e))?;
+    if absent.contains(&Some(Absent::Split)) {
+        events.emit(Event::new(Kind::SplitBrain).detail(
+            "both sides took changes the other lacks: nothing is served until \
+             `mirrorfs resync --from primary|mirror` names the winner",
+        ));
+    }
     let prober = Prober {
         engine: engine.clone(),
         spec: spec.clone(),
         timeout: opts.side_timeout,
     };
     let interval = opts.probe_interval;
+    let wake = watch_roots(&spec);
     std::thread::Builder::new()
         .name("prober".into())
-        .spawn(move || prober.run(interval))
+        .spawn(move || prober.run(interval, wake))
         .map_err(|e| rt("prober thread", &e))?;
+    if !opts.read_only {
+        std::thread::Builder::new()
+            .name("resync".into())
+            .spawn(move || catchup.run())
+            .map_err(|e| rt("resync thread", &e))?;
+        let e = engine.clone();
+        std::thread::Builder::new()
+            .name("intent".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(INTENT_CLEAR);
+                    clear_intent(&e);
+                }
+            })
+            .map_err(|e| rt("intent thread", &e))?;
+        // Catches up a stale side, or files a crash left unequal, now.
+        engine.want_resync();
+    }
 
     let r = session.run();
+    clear_intent(&engine);
     // Closing a file on a hung side would wait for it (FLUSH); the kernel
     // drops the locks when the process exits.
     std::mem::forget(_locks);
@@ -567,6 +621,102 @@ fn serve(p: Prepared, ready: &mut Option<File>) -> Result<(), Failure> {
     r.map_err(|e| rt("serving", &e))
 }
 
+/// How often the write-intent record is cleared, when changes were made.
+const INTENT_CLEAR: Duration = Duration::from_secs(2);
+
+/// Opens each served side's journal and the write-intent record. A
+/// write-intent record left by a run that did not end cleanly names the
+/// files whose writes were in flight: they go into the journal of the side
+/// that serves, and are caught up from it as soon as the mount is live
+/// (`crash_recovery`).
+fn start_journals(engine: &Engine, absent: &[Option<Absent>; 2]) -> io::Result<()> {
+    for side in Side::BOTH {
+        if let Ok(v) = engine.volume(side) {
+            engine.set_journal(side, crate::journal::PathLog::open(meta::journal_path(&v.path))?);
+        }
+    }
+    let Ok(primary) = engine.volume(Side::Primary) else {
+        return Ok(());
+    };
+    let dir = meta::meta_dir(&primary.path);
+    let leftover = Intent::leftover(&dir)?;
+    if !leftover.is_empty() {
+        let source = if engine.health.is_up(Side::Primary) {
+            Side::Primary
+        } else {
+            Side::Mirror
+        };
+        if let Some(j) = engine.journal(source) {
+            let refs: Vec<&Path> = leftover.iter().map(PathBuf::as_path).collect();
+            j.record(&refs)?;
+        }
+        if absent.iter().all(Option::is_none) {
+            log::warn!(
+                "crash recovery: {} path(s) had writes in flight; they are caught up from the primary",
+                leftover.len()
+            );
+            engine.events.emit(Event::new(Kind::CrashRecovery).detail(format!(
+                "{} path(s) had writes in flight when the last run ended; caught up from the primary",
+                leftover.len()
+            )));
+        }
+    }
+    engine.set_intent(Intent::open(&dir)?);
+    Ok(())
+}
+
+/// Clears the write-intent record once its changes are durable on both
+/// sides: switch epochs with changes held off (so none of the old epoch is
+/// in flight), sync both sides, then forget the old epoch.
+fn clear_intent(engine: &Engine) {
+    let Some(intent) = engine.intent() else { return };
+    if intent.idle() {
+        return;
+    }
+    let old = {
+        let _x = engine.exclusive();
+        intent.switch()
+    };
+    for side in Side::BOTH {
+        if engine.health.takes_changes(side)
+            && let Err(e) = engine.on_side(side, "syncfs", |v| v.syncfs())
+        {
+            log::warn!("side={side} syncfs failed: {e}; the write-intent record is kept");
+            return;
+        }
+    }
+    if let Err(e) = intent.clear(old) {
+        log::warn!("clearing the write-intent record: {e}");
+    }
+}
+
+/// Watches the directories that hold each side's root, so that a side
+/// whose volume is mounted again is probed at once rather than at the next
+/// `probe_interval`. Without the watch, probing goes on by the clock.
+fn watch_roots(spec: &MountSpec) -> (Option<notify::RecommendedWatcher>, crossbeam_channel::Receiver<()>) {
+    use notify::Watcher;
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let watcher = notify::recommended_watcher(move |_: notify::Result<notify::Event>| {
+        let _ = tx.send(());
+    });
+    let mut watcher = match watcher {
+        Ok(w) => w,
+        Err(e) => {
+            log::info!("no watch on the sides' parents ({e}): probing by the clock alone");
+            return (None, rx);
+        }
+    };
+    for side in Side::BOTH {
+        let root = spec.side(side);
+        for dir in [Some(root), root.parent()].into_iter().flatten() {
+            if let Err(e) = watcher.watch(dir, notify::RecursiveMode::NonRecursive) {
+                log::debug!("watch {}: {e}", dir.display());
+            }
+        }
+    }
+    (Some(watcher), rx)
+}
+
 /// Probes every side that is down, every `probe_interval`, to see whether
 /// it answers again: its root opens, and a file in its `.mirrorfs` can be
 /// written, synced and removed. A probe that hangs holds only its own
@@ -578,10 +728,15 @@ struct Prober {
 }
 
 impl Prober {
-    fn run(self, interval: Duration) {
+    fn run(self, interval: Duration, wake: (Option<notify::RecommendedWatcher>, crossbeam_channel::Receiver<()>)) {
+        let (_watcher, wake) = wake;
         let busy = [Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false))];
         loop {
-            std::thread::sleep(interval);
+            if wake.recv_timeout(interval).is_ok() {
+                // A burst of changes around a root is one reason to look.
+                std::thread::sleep(Duration::from_millis(200));
+                while wake.try_recv().is_ok() {}
+            }
             for side in Side::BOTH {
                 if self.engine.health.state(side) != SideState::Down || busy[side.index()].swap(true, Ordering::AcqRel)
                 {
@@ -615,9 +770,12 @@ impl Prober {
                 );
                 if prev.map(|p| p.errno.is_none()) != Some(errno.is_none()) {
                     match errno {
-                        None => log::info!("side={side} answers its probe again; it stays down until it is resynced"),
+                        None => log::info!("side={side} answers its probe again"),
                         Some(e) => log::info!("side={side} probe failed errno={}", errno_name(e)),
                     }
+                }
+                if errno.is_none() {
+                    self.engine.want_resync();
                 }
             }
         }

@@ -8,6 +8,7 @@
 
 use std::ffi::OsStr;
 use std::io;
+use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -21,6 +22,8 @@ use fuser::{
 };
 
 use crate::bufpool::PooledBuf;
+use crate::gate::Pass;
+use crate::health::is_side_failure;
 use crate::mirror::{Effect, Engine, Subject};
 use crate::nodes::{Handles, Key, Nodes, OpenDir, OpenFile, ROOT};
 use crate::spec::Side;
@@ -148,6 +151,68 @@ enum Target {
     Path(PathBuf),
 }
 
+/// The open files, as the resyncer sees them: it detaches them from a side
+/// about to be caught up, and re-attaches them to it once it is.
+#[derive(Clone)]
+pub struct OpenFiles {
+    files: Arc<Handles<OpenFile>>,
+    nodes: Arc<Nodes>,
+}
+
+impl OpenFiles {
+    /// Drops every open file's fd on `side`: fds from before an outage may
+    /// name files the resync replaces.
+    pub fn detach(&self, side: Side, engine: &Engine) {
+        for f in self.files.all() {
+            if let Some(fd) = f.take_fd(side) {
+                engine.retire(fd);
+            }
+        }
+    }
+
+    /// Opens, on `side`, every open file that has no fd there yet, by its
+    /// path. Must run with changes held off. Returns the paths that could
+    /// not be opened there (they are caught up again); a side failure is
+    /// an error. An open file that has been unlinked has no path and stays
+    /// on the other side alone.
+    pub fn reattach(&self, side: Side, engine: &Engine) -> io::Result<Vec<PathBuf>> {
+        let mut missing = Vec::new();
+        for f in self.files.all() {
+            if f.has_fd(side) {
+                continue;
+            }
+            let Ok(path) = self.nodes.path(f.ino) else { continue };
+            let (p, flags) = (path.clone(), f.flags);
+            match engine.on_side(side, "open", move |v| v.open_file(&p, flags)) {
+                Ok(fd) => {
+                    if let Some(old) = f.attach(side, fd) {
+                        engine.retire(old);
+                    }
+                }
+                Err(e) if is_side_failure(e.raw_os_error().unwrap_or(libc::EIO)) => return Err(e),
+                Err(_) => missing.push(path),
+            }
+        }
+        Ok(missing)
+    }
+
+    /// `reattach` for the open files named `rel`: called by the copier as
+    /// soon as `rel` exists on `side`, with changes held off.
+    pub fn reattach_path(&self, side: Side, engine: &Engine, rel: &Path) -> io::Result<()> {
+        for f in self.files.all() {
+            if f.has_fd(side) || self.nodes.path(f.ino).ok().as_deref() != Some(rel) {
+                continue;
+            }
+            let (p, flags) = (rel.to_path_buf(), f.flags);
+            let fd = engine.on_side(side, "open", move |v| v.open_file(&p, flags))?;
+            if let Some(old) = f.attach(side, fd) {
+                engine.retire(old);
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Mount-time settings the filesystem needs.
 #[derive(Clone, Copy, Debug)]
 pub struct FsConfig {
@@ -157,7 +222,7 @@ pub struct FsConfig {
 pub struct MirrorFs {
     engine: Arc<Engine>,
     nodes: Arc<Nodes>,
-    files: Handles<OpenFile>,
+    files: Arc<Handles<OpenFile>>,
     dirs: Handles<OpenDir>,
     config: FsConfig,
 }
@@ -172,10 +237,18 @@ impl MirrorFs {
         Ok(MirrorFs {
             nodes,
             engine,
-            files: Handles::default(),
+            files: Arc::new(Handles::default()),
             dirs: Handles::default(),
             config,
         })
+    }
+
+    /// The open files, for the resyncer.
+    pub fn open_files(&self) -> OpenFiles {
+        OpenFiles {
+            files: self.files.clone(),
+            nodes: self.nodes.clone(),
+        }
     }
 
     fn hidden(parent: u64, name: &OsStr) -> bool {
@@ -183,7 +256,7 @@ impl MirrorFs {
     }
 
     fn writable(&self) -> io::Result<()> {
-        if self.config.read_only {
+        if self.config.read_only || self.engine.split() {
             Err(err(libc::EROFS))
         } else if self.engine.changes_refused() {
             Err(err(libc::EIO))
@@ -238,7 +311,7 @@ impl MirrorFs {
     fn do_getattr(&self, ino: u64, fh: Option<FileHandle>) -> io::Result<FileAttr> {
         let st = match self.target(ino, fh)? {
             Target::File(f) => self.engine.read("getattr", Subject::Inode(ino), move |side, _| {
-                volume::fstat(f.fd(side)?)
+                volume::fstat(f.fd(side)?.as_fd())
             })?,
             Target::Path(p) => {
                 let q = p.clone();
@@ -278,6 +351,7 @@ impl MirrorFs {
             match &*target {
                 Target::File(f) => {
                     let fd = f.fd(side)?;
+                    let fd = fd.as_fd();
                     if uid.is_some() || gid.is_some() {
                         volume::fchown(fd, uid.unwrap_or(u32::MAX), gid.unwrap_or(u32::MAX))?;
                     }
@@ -329,7 +403,7 @@ impl MirrorFs {
     ) -> io::Result<FileAttr> {
         let path = self.new_path(parent, name)?;
         let p = path.clone();
-        let mut pair = self.engine.change(move |_, v| {
+        let mut pair = self.engine.change(Subject::Path(&path), move |_, v| {
             f(v, &p)?;
             v.lstat(&p)
         });
@@ -363,7 +437,7 @@ impl MirrorFs {
         let to = self.nodes.child_path(newparent, newname)?;
         let (f, t) = (from.clone(), to.clone());
         self.engine
-            .apply("rename", Subject::Path(&from), move |_, v| v.rename(&f, &t, flags))?;
+            .apply("rename", Subject::Two(&from, &to), move |_, v| v.rename(&f, &t, flags))?;
         self.nodes
             .renamed(parent, name, newparent, newname, flags & libc::RENAME_EXCHANGE != 0);
         Ok(())
@@ -374,16 +448,20 @@ impl MirrorFs {
         self.make("link", newparent, newname, move |v, new| v.link(&old, new))
     }
 
-    /// Opens on every side that is up and keeps one fd per side.
+    /// Opens on every side that is up and keeps one fd per side. The pass
+    /// returned must be held until the handle is registered, so that a
+    /// resync re-attaching open files to a returning side sees it.
+    #[allow(clippy::type_complexity)]
     fn open_both(
         &self,
         op: &str,
         path: &Path,
         effect: Effect,
         f: impl Fn(&Volume) -> io::Result<(std::os::fd::OwnedFd, Stat)> + Send + Sync + 'static,
-    ) -> io::Result<(Side, Stat, [Option<std::os::fd::OwnedFd>; 2])> {
-        let mut pair = self.engine.each(effect, move |_, v| f(v));
+    ) -> io::Result<(Side, Stat, [Option<std::os::fd::OwnedFd>; 2], Option<Pass>)> {
+        let mut pair = self.engine.each(effect, Subject::Path(path), move |_, v| f(v));
         let side = self.engine.settle(op, Subject::Path(path), &pair)?;
+        let pass = pair.take_pass();
         let mut fds = [None, None];
         let mut stat = None;
         for s in Side::BOTH {
@@ -394,7 +472,7 @@ impl MirrorFs {
                 }
             }
         }
-        Ok((side, stat.ok_or_else(|| err(libc::EIO))?, fds))
+        Ok((side, stat.ok_or_else(|| err(libc::EIO))?, fds, pass))
     }
 
     fn do_open(&self, ino: u64, flags: i32) -> io::Result<u64> {
@@ -407,12 +485,12 @@ impl MirrorFs {
         let path = self.nodes.path(ino)?;
         let p = path.clone();
         let fl = backing_flags(flags);
-        let (_, _, fds) = self.open_both("open", &path, effect, move |v| {
+        let (_, _, fds, _pass) = self.open_both("open", &path, effect, move |v| {
             let fd = v.open_file(&p, fl)?;
             let st = volume::fstat(std::os::fd::AsFd::as_fd(&fd))?;
             Ok((fd, st))
         })?;
-        Ok(self.files.insert(OpenFile { ino, fds }))
+        Ok(self.files.insert(OpenFile::new(ino, fl & !libc::O_TRUNC, fds)))
     }
 
     fn do_create(
@@ -432,13 +510,13 @@ impl MirrorFs {
         let p = path.clone();
         let fl = backing_flags(flags) | (flags & (libc::O_EXCL | libc::O_TRUNC));
         let mode = mode & !umask & 0o7777;
-        let (side, st, fds) = self.open_both("create", &path, Effect::Changes, move |v| {
+        let (side, st, fds, _pass) = self.open_both("create", &path, Effect::Changes, move |v| {
             let (fd, _) = v.create(&p, fl, mode, owner)?;
             let st = volume::fstat(std::os::fd::AsFd::as_fd(&fd))?;
             Ok((fd, st))
         })?;
         let a = self.entry(parent, name, side, &st);
-        let fh = self.files.insert(OpenFile { ino: a.ino.0, fds });
+        let fh = self.files.insert(OpenFile::new(a.ino.0, backing_flags(flags), fds));
         Ok((a, fh))
     }
 
@@ -447,7 +525,7 @@ impl MirrorFs {
         let ino = file.ino;
         self.engine.read("read", Subject::Inode(ino), move |side, _| {
             let mut buf = PooledBuf::zeroed(size as usize);
-            let n = volume::pread(file.fd(side)?, &mut buf, offset)?;
+            let n = volume::pread(file.fd(side)?.as_fd(), &mut buf, offset)?;
             buf.truncate(n);
             Ok(buf)
         })
@@ -463,8 +541,9 @@ impl MirrorFs {
         let copy = Arc::new(PooledBuf::copy_of(data));
         let mirror_copy = copy.clone();
         let mut pair = self.engine.change2(
-            move |_| volume::pwrite_all(file.fd(Side::Primary)?, &copy, offset),
-            move |_| volume::pwrite_all(mirror_file.fd(Side::Mirror)?, &mirror_copy, offset),
+            Subject::Inode(ino),
+            move |_| volume::pwrite_all(file.fd(Side::Primary)?.as_fd(), &copy, offset),
+            move |_| volume::pwrite_all(mirror_file.fd(Side::Mirror)?.as_fd(), &mirror_copy, offset),
         );
         let side = self.engine.settle("write", Subject::Inode(ino), &pair)?;
         let n = pair.take_ok(side).ok_or_else(|| err(libc::EIO))?;
@@ -793,7 +872,7 @@ impl Filesystem for MirrorFs {
     fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
         reply_empty(
             reply,
-            self.on_handle("flush", fh.0, |f, side| volume::flush(f.fd(side)?)),
+            self.on_handle("flush", fh.0, |f, side| volume::flush(f.fd(side)?.as_fd())),
         );
     }
 
@@ -811,7 +890,7 @@ impl Filesystem for MirrorFs {
             // Each side's fd is closed on that side's lane: a close on a hung
             // side blocks, and must not block this thread.
             match Arc::try_unwrap(f) {
-                Ok(mut file) => {
+                Ok(file) => {
                     for side in Side::BOTH {
                         if let Some(fd) = file.take_fd(side) {
                             self.engine.close_on(side, fd);
@@ -827,7 +906,7 @@ impl Filesystem for MirrorFs {
     fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
         reply_empty(
             reply,
-            self.on_handle("fsync", fh.0, move |f, side| volume::fsync(f.fd(side)?, datasync)),
+            self.on_handle("fsync", fh.0, move |f, side| volume::fsync(f.fd(side)?.as_fd(), datasync)),
         );
     }
 
@@ -964,7 +1043,7 @@ impl Filesystem for MirrorFs {
     ) {
         let r = self.writable().and_then(|_| {
             self.on_handle("fallocate", fh.0, move |f, side| {
-                volume::fallocate(f.fd(side)?, mode, offset, length)
+                volume::fallocate(f.fd(side)?.as_fd(), mode, offset, length)
             })
         });
         reply_empty(reply, r);
@@ -974,7 +1053,7 @@ impl Filesystem for MirrorFs {
         let r = self.files.get(fh.0).and_then(|f| {
             let ino = f.ino;
             self.engine.read("lseek", Subject::Inode(ino), move |side, _| {
-                volume::lseek(f.fd(side)?, offset, whence)
+                volume::lseek(f.fd(side)?.as_fd(), offset, whence)
             })
         });
         match r {
@@ -999,7 +1078,7 @@ impl Filesystem for MirrorFs {
         let r = self.writable().and_then(|_| self.files.get(fh_in.0)).and_then(|fin| {
             let flags = flags.bits() as u32;
             self.on_handle("copy_file_range", fh_out.0, move |fout, side| {
-                volume::copy_file_range(fin.fd(side)?, offset_in, fout.fd(side)?, offset_out, len, flags)
+                volume::copy_file_range(fin.fd(side)?.as_fd(), offset_in, fout.fd(side)?.as_fd(), offset_out, len, flags)
             })
         });
         match r {

@@ -20,6 +20,9 @@ pub enum SideState {
     Down,
     /// Out of service by choice (`mirrors=off`).
     Off,
+    /// Being caught up: every change goes to it, but it answers no reads
+    /// and its results never decide what the caller sees.
+    Resyncing,
 }
 
 impl SideState {
@@ -28,6 +31,7 @@ impl SideState {
             SideState::Up => 0,
             SideState::Down => 1,
             SideState::Off => 2,
+            SideState::Resyncing => 3,
         }
     }
 
@@ -35,7 +39,8 @@ impl SideState {
         match v {
             0 => SideState::Up,
             1 => SideState::Down,
-            _ => SideState::Off,
+            2 => SideState::Off,
+            _ => SideState::Resyncing,
         }
     }
 
@@ -44,6 +49,7 @@ impl SideState {
             SideState::Up => "UP",
             SideState::Down => "DOWN",
             SideState::Off => "OFF",
+            SideState::Resyncing => "RESYNCING",
         }
     }
 }
@@ -52,6 +58,9 @@ impl SideState {
 pub const OP_FAIL: &str = "fail";
 /// The operation that found a side unusable when mounting.
 pub const OP_MOUNT: &str = "mount";
+
+/// The operation that found both sides changed apart (split brain).
+pub const OP_SPLIT: &str = "split";
 
 /// Why and when a side went down.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -67,6 +76,8 @@ impl DownInfo {
     pub fn reason(&self) -> String {
         match (self.op.as_str(), self.errno) {
             (OP_FAIL, _) => "taken out of service by `mirrorfs fail`".to_string(),
+            (OP_SPLIT, _) => "split brain: both sides took changes the other lacks".to_string(),
+            (OP_MOUNT, Some(libc::ESTALE)) => "stale: it missed changes while out of service".to_string(),
             (OP_MOUNT, Some(e)) => format!(
                 "unusable at mount ({}), started without it (mirror_skip)",
                 errno_name(e)
@@ -179,6 +190,11 @@ impl Health {
         self.state(side) == SideState::Up
     }
 
+    /// True while changes go to `side`: it is up or being caught up.
+    pub fn takes_changes(&self, side: Side) -> bool {
+        matches!(self.state(side), SideState::Up | SideState::Resyncing)
+    }
+
     pub fn down_info(&self, side: Side) -> Option<DownInfo> {
         self.down.lock().unwrap_or_else(|e| e.into_inner())[side.index()].clone()
     }
@@ -190,7 +206,7 @@ impl Health {
         // The lock makes "is the other side up" and "mark this one down" one
         // step, so two racing failures cannot take both sides down.
         let mut down = self.down.lock().unwrap_or_else(|e| e.into_inner());
-        if !self.is_up(side) || !self.is_up(side.other()) {
+        if !self.takes_changes(side) || !self.is_up(side.other()) {
             return false;
         }
         self.states[side.index()].store(SideState::Down.code(), Ordering::Release);
@@ -215,6 +231,45 @@ impl Health {
                 errno,
             });
         }
+    }
+
+    /// Starts catching `side` up: from DOWN or OFF to RESYNCING, while the
+    /// other side is up. Returns false if that is not the case.
+    pub fn begin_resync(&self, side: Side) -> bool {
+        let _down = self.down.lock().unwrap_or_else(|e| e.into_inner());
+        if !matches!(self.state(side), SideState::Down | SideState::Off) || !self.is_up(side.other()) {
+            return false;
+        }
+        self.states[side.index()].store(SideState::Resyncing.code(), Ordering::Release);
+        log::info!("side={side} state=RESYNCING");
+        true
+    }
+
+    /// Ends a resync: the side is caught up and back in service.
+    pub fn resync_done(&self, side: Side) -> bool {
+        let mut down = self.down.lock().unwrap_or_else(|e| e.into_inner());
+        if self.state(side) != SideState::Resyncing {
+            return false;
+        }
+        down[side.index()] = None;
+        self.states[side.index()].store(SideState::Up.code(), Ordering::Release);
+        self.probes.lock().unwrap_or_else(|e| e.into_inner())[side.index()] = None;
+        log::info!("side={side} state=UP");
+        true
+    }
+
+    /// Resolves a split: `winner` serves, its peer is down until it has been
+    /// caught up from it.
+    pub fn make_winner(&self, winner: Side) {
+        let mut down = self.down.lock().unwrap_or_else(|e| e.into_inner());
+        down[winner.index()] = None;
+        self.states[winner.index()].store(SideState::Up.code(), Ordering::Release);
+        down[winner.other().index()] = Some(DownInfo {
+            since: SystemTime::now(),
+            op: OP_SPLIT.to_string(),
+            errno: Some(libc::ESTALE),
+        });
+        self.states[winner.other().index()].store(SideState::Down.code(), Ordering::Release);
     }
 
     /// Counts a side failure of `op` on `side`.
@@ -294,6 +349,19 @@ mod tests {
             !h.mark_down(Side::Primary, "write", Some(libc::EIO)),
             "the primary is the last side"
         );
+    }
+
+    #[test]
+    fn a_resync_brings_a_down_side_back_or_fails_it_again() {
+        let h = Health::default();
+        assert!(!h.begin_resync(Side::Mirror), "an up side is not resynced");
+        h.mark_down(Side::Mirror, "write", Some(libc::EIO));
+        assert!(h.begin_resync(Side::Mirror));
+        assert!(h.takes_changes(Side::Mirror) && !h.is_up(Side::Mirror));
+        assert!(h.mark_down(Side::Mirror, "write", Some(libc::EIO)), "a failure during resync");
+        assert!(h.begin_resync(Side::Mirror));
+        assert!(h.resync_done(Side::Mirror));
+        assert!(h.is_up(Side::Mirror) && h.down_info(Side::Mirror).is_none());
     }
 
     #[test]

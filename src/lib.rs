@@ -4,16 +4,20 @@
 //! `main.rs` stays thin; everything here is testable as a library.
 
 pub mod bufpool;
+pub mod catchup;
 pub mod cli;
 pub mod control;
 pub mod daemon;
 pub mod events;
 pub mod fs;
+pub mod gate;
 pub mod handoff;
 pub mod health;
+pub mod journal;
 pub mod meta;
 pub mod mirror;
 pub mod nodes;
+pub mod resync;
 pub mod spec;
 pub mod verify;
 pub mod volume;
@@ -58,7 +62,21 @@ pub fn run(args: Vec<String>) -> ExitCode {
             mountpoint,
         } => control::events(&mountpoint, json, follow),
         cli::Command::Fail { mountpoint, side } => control::fail(&mountpoint, side),
-        cli::Command::Verify { json, target } => verify::run(&target, json),
+        cli::Command::Verify { repair, json, target } => verify::run(&target, json, repair),
+        cli::Command::Resync {
+            full,
+            wait,
+            from,
+            mountpoint,
+        } => control::resync(
+            &mountpoint,
+            catchup::Manual {
+                full,
+                from,
+                paths: Vec::new(),
+            },
+            wait,
+        ),
     };
     match r {
         Ok(code) => ExitCode::from(code),

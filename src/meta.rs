@@ -7,6 +7,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -64,7 +65,12 @@ pub fn write_durably(path: &Path, data: &[u8]) -> io::Result<()> {
         .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
     let tmp = path.with_extension("tmp");
     {
-        let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o644)
+            .open(&tmp)?;
         f.write_all(data)?;
         f.sync_all()?;
     }
@@ -132,9 +138,35 @@ pub struct PeerStale {
     pub errno: String,
 }
 
-/// Records durably, on the surviving side, that `stale` missed changes.
+/// A side's `state.json`: its generation, raised each time its peer goes
+/// out of service, and the record of the peer's outage while it lasts.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SideRecord {
+    #[serde(default)]
+    pub generation: u64,
+    #[serde(default)]
+    pub peer_stale: Option<PeerStale>,
+}
+
+pub fn read_record(side_root: &Path) -> io::Result<SideRecord> {
+    Ok(read_json(side_root, STATE)?.unwrap_or_default())
+}
+
+fn write_record(side_root: &Path, rec: &SideRecord) -> io::Result<()> {
+    let json = serde_json::to_vec_pretty(rec).map_err(io::Error::other)?;
+    write_durably(&meta_dir(side_root).join(STATE), &json)
+}
+
+/// Records durably, on the surviving side, that `stale` missed changes, and
+/// raises the survivor's generation. An outage already recorded is kept:
+/// the side has missed changes since the first.
 pub fn record_stale(survivor_root: &Path, stale: Side, op: &str, errno: &str) -> io::Result<()> {
-    let rec = PeerStale {
+    let mut rec = read_record(survivor_root)?;
+    if rec.peer_stale.is_some() {
+        return Ok(());
+    }
+    rec.generation += 1;
+    rec.peer_stale = Some(PeerStale {
         stale: stale.name().to_string(),
         since: SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -142,18 +174,44 @@ pub fn record_stale(survivor_root: &Path, stale: Side, op: &str, errno: &str) ->
             .unwrap_or(0),
         op: op.to_string(),
         errno: errno.to_string(),
-    };
-    let json = serde_json::to_vec_pretty(&rec).map_err(io::Error::other)?;
-    write_durably(&meta_dir(survivor_root).join(STATE), &json)
+    });
+    write_record(survivor_root, &rec)
+}
+
+/// Forgets the peer's outage once the peer has been caught up.
+pub fn clear_stale(side_root: &Path) -> io::Result<()> {
+    let mut rec = read_record(side_root)?;
+    if rec.peer_stale.is_none() {
+        return Ok(());
+    }
+    rec.peer_stale = None;
+    write_record(side_root, &rec)
 }
 
 pub fn read_stale(side_root: &Path) -> io::Result<Option<PeerStale>> {
-    read_json(side_root, STATE)
+    Ok(read_record(side_root)?.peer_stale)
 }
 
-/// The side that must not be served because its peer recorded it stale.
-/// Both sides recording each other stale is a split: refused.
-pub fn stale_side(roots: [Option<&Path>; 2]) -> Result<Option<(Side, PeerStale)>, String> {
+/// The missed-change journal of a side: the paths it changed that its peer lacks.
+pub fn journal_path(side_root: &Path) -> PathBuf {
+    meta_dir(side_root).join(crate::journal::JOURNAL)
+}
+
+/// Whether one side must be caught up from the other.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Staleness {
+    /// Neither side records the other as stale.
+    Current,
+    /// This side missed changes; the record is its peer's.
+    Stale(Side, PeerStale),
+    /// Both sides took changes the other lacks.
+    Split,
+}
+
+/// Which side must not be served, from the sides' records. When both
+/// record the other as stale, a side whose journal is empty took no change
+/// while the other was away: it is merely stale. Otherwise it is a split.
+pub fn staleness(roots: [Option<&Path>; 2]) -> Result<Staleness, String> {
     let mut found = Vec::new();
     for side in Side::BOTH {
         let Some(root) = roots[side.index()] else { continue };
@@ -162,10 +220,18 @@ pub fn stale_side(roots: [Option<&Path>; 2]) -> Result<Option<(Side, PeerStale)>
             found.push((stale, rec));
         }
     }
-    match found.len() {
-        0 => Ok(None),
-        1 => Ok(found.pop()),
-        _ => Err("both sides record the other as stale (split brain): resolve by hand, see README \"Recovery\"".into()),
+    if found.len() < 2 {
+        return Ok(found.pop().map_or(Staleness::Current, |(s, r)| Staleness::Stale(s, r)));
+    }
+    let took_changes = |side: Side| {
+        roots[side.index()]
+            .map(|r| crate::journal::read_paths(&journal_path(r)).map(|p| !p.is_empty()).unwrap_or(true))
+            .unwrap_or(true)
+    };
+    match (took_changes(Side::Primary), took_changes(Side::Mirror)) {
+        (true, true) => Ok(Staleness::Split),
+        (false, _) => Ok(found.into_iter().find(|(s, _)| *s == Side::Primary).map_or(Staleness::Split, |(s, r)| Staleness::Stale(s, r))),
+        (true, false) => Ok(found.into_iter().find(|(s, _)| *s == Side::Mirror).map_or(Staleness::Split, |(s, r)| Staleness::Stale(s, r))),
     }
 }
 
@@ -233,15 +299,29 @@ mod tests {
             fs::create_dir_all(d).unwrap();
         }
         ensure_identities([Some(&a), Some(&b)]).unwrap();
-        assert_eq!(stale_side([Some(&a), Some(&b)]).unwrap(), None);
+        let roots = [Some(a.as_path()), Some(b.as_path())];
+        assert_eq!(staleness(roots).unwrap(), Staleness::Current);
         record_stale(&a, Side::Mirror, "write", "EIO").unwrap();
-        let (side, rec) = stale_side([Some(&a), Some(&b)]).unwrap().unwrap();
+        record_stale(&a, Side::Mirror, "fsync", "ENOSPC").unwrap();
+        let Staleness::Stale(side, rec) = staleness(roots).unwrap() else {
+            panic!("not stale")
+        };
         assert_eq!(
             (side, rec.op.as_str(), rec.errno.as_str()),
-            (Side::Mirror, "write", "EIO")
+            (Side::Mirror, "write", "EIO"),
+            "the first outage is kept"
         );
-        record_stale(&b, Side::Primary, "write", "EIO").unwrap();
-        assert!(stale_side([Some(&a), Some(&b)]).unwrap_err().contains("split"));
+        assert_eq!(read_record(&a).unwrap().generation, 1);
+        // The mirror, mounted alone, records the primary stale too: with no
+        // change journaled on the mirror, the mirror is merely stale.
+        crate::journal::PathLog::open(journal_path(&a)).unwrap().record(&[Path::new("x")]).unwrap();
+        record_stale(&b, Side::Primary, "mount", "ENOENT").unwrap();
+        assert!(matches!(staleness(roots).unwrap(), Staleness::Stale(Side::Mirror, _)));
+        crate::journal::PathLog::open(journal_path(&b)).unwrap().record(&[Path::new("y")]).unwrap();
+        assert_eq!(staleness(roots).unwrap(), Staleness::Split);
+        clear_stale(&a).unwrap();
+        assert!(matches!(staleness(roots).unwrap(), Staleness::Stale(Side::Primary, _)));
+        assert_eq!(read_record(&a).unwrap().generation, 1);
     }
 
     #[test]

@@ -19,7 +19,6 @@
 //! Lock order: `transition` is taken before `Health`'s own lock, and never
 //! while waiting for a side.
 
-use std::collections::BTreeSet;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,8 +29,10 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::events::{Event, Events, Kind};
+use crate::gate::{Exclusive, Gate, Pass};
 use crate::handoff::{self, RecvTimeoutError};
 use crate::health::{Health, OP_FAIL, SideState, errno_label, errno_name, is_side_failure};
+use crate::journal::{Intent, PathLog};
 use crate::spec::Side;
 use crate::volume::Volume;
 
@@ -152,14 +153,29 @@ pub fn resolve(p: SideResult, m: SideResult, policy: Policy) -> Decision {
     }
 }
 
-/// Both sides' results of one change.
+/// The errno of a call on a side through an open handle that has no fd
+/// there (the side was out of service when the file was opened, and the
+/// file has not been re-attached yet): the side missed the change.
+pub const NOT_ATTACHED: i32 = libc::EBADFD;
+
+/// Both sides' results of one change. While it lives, the change holds the
+/// gate open: no resync step runs between its reaching the sides and its
+/// being settled.
 pub struct Pair<T> {
     pub results: [Option<io::Result<T>>; 2],
     /// Refused before any side was asked (fail-stop with a side down).
     refused: bool,
+    effect: Effect,
+    pass: Option<Pass>,
 }
 
 impl<T> Pair<T> {
+    /// Keeps changes from being interleaved with a resync step until the
+    /// caller has finished with the result (e.g. registered a handle).
+    pub fn take_pass(&mut self) -> Option<Pass> {
+        self.pass.take()
+    }
+
     /// Takes the value `side` returned, if it succeeded.
     pub fn take_ok(&mut self, side: Side) -> Option<T> {
         match self.results[side.index()].take() {
@@ -175,6 +191,8 @@ impl<T> Pair<T> {
 pub enum Subject<'a> {
     Path(&'a Path),
     Inode(u64),
+    /// Two paths: a rename's source and destination, a link's old and new name.
+    Two(&'a Path, &'a Path),
     /// The whole mount (`mirrorfs fail`).
     Mount,
 }
@@ -215,7 +233,7 @@ pub struct EngineConfig {
 
 /// The engine. One per mount.
 pub struct Engine {
-    vols: [Option<Arc<Volume>>; 2],
+    vols: [RwLock<Option<Arc<Volume>>>; 2],
     pub health: Arc<Health>,
     pub events: Arc<Events>,
     lanes: [RwLock<Sender<Job>>; 2],
@@ -226,8 +244,18 @@ pub struct Engine {
     /// acknowledged on one side before that record is durable.
     transition: Mutex<()>,
     resolver: OnceLock<Resolver>,
-    pending: Mutex<BTreeSet<PathBuf>>,
+    /// Each side's missed-change journal: the paths that side changed and
+    /// its peer lacks (None on a read-only mount, or a side never served).
+    journals: [OnceLock<PathLog>; 2],
+    /// The write-intent record, on the primary.
+    intent: OnceLock<Intent>,
+    gate: Gate,
+    /// Wakes the resyncer: a side should be caught up.
+    wanted: (Sender<()>, Receiver<()>),
     divergences: AtomicU64,
+    /// Both sides took changes the other lacks: nothing is served until
+    /// the operator names the winner.
+    split: std::sync::atomic::AtomicBool,
     retired: Sender<Box<dyn Send>>,
 }
 
@@ -261,7 +289,7 @@ impl Engine {
         })?;
         Ok(Engine {
             retired,
-            vols: [primary.map(Arc::new), mirror.map(Arc::new)],
+            vols: [RwLock::new(primary.map(Arc::new)), RwLock::new(mirror.map(Arc::new))],
             health,
             events,
             lanes: [
@@ -272,8 +300,12 @@ impl Engine {
             on_down: None,
             transition: Mutex::new(()),
             resolver: OnceLock::new(),
-            pending: Mutex::new(BTreeSet::new()),
+            journals: [OnceLock::new(), OnceLock::new()],
+            intent: OnceLock::new(),
+            gate: Gate::default(),
+            wanted: crossbeam_channel::unbounded(),
             divergences: AtomicU64::new(0),
+            split: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -289,10 +321,88 @@ impl Engine {
 
     fn path_of(&self, subject: Subject) -> Option<PathBuf> {
         match subject {
-            Subject::Path(p) => Some(p.to_path_buf()),
+            Subject::Path(p) | Subject::Two(p, _) => Some(p.to_path_buf()),
             Subject::Inode(ino) => self.resolver.get().and_then(|r| r(ino)),
             Subject::Mount => None,
         }
+    }
+
+    /// Every path an operation changes.
+    fn paths_of(&self, subject: Subject) -> Vec<PathBuf> {
+        match subject {
+            Subject::Two(a, b) => vec![a.to_path_buf(), b.to_path_buf()],
+            s => self.path_of(s).into_iter().collect(),
+        }
+    }
+
+    /// Sets `side`'s missed-change journal (once, before serving).
+    pub fn set_journal(&self, side: Side, log: PathLog) {
+        let _ = self.journals[side.index()].set(log);
+    }
+
+    pub fn journal(&self, side: Side) -> Option<&PathLog> {
+        self.journals[side.index()].get()
+    }
+
+    /// Sets the write-intent record (once, before serving).
+    pub fn set_intent(&self, intent: Intent) {
+        let _ = self.intent.set(intent);
+    }
+
+    pub fn intent(&self) -> Option<&Intent> {
+        self.intent.get()
+    }
+
+    /// Holds every change off while the result lives (a resync step, an
+    /// intent epoch switch).
+    pub fn exclusive(&self) -> Exclusive {
+        self.gate.exclusive()
+    }
+
+    pub fn split(&self) -> bool {
+        self.split.load(Ordering::Acquire)
+    }
+
+    /// Starts the mount split: nothing is served until `resolve_split`.
+    pub fn set_split(&self) {
+        self.split.store(true, Ordering::Release);
+    }
+
+    /// The operator named `winner`: it serves, its peer is caught up from it.
+    pub fn resolve_split(&self, winner: Side) {
+        let _t = self.transition.lock().unwrap_or_else(|e| e.into_inner());
+        self.health.make_winner(winner);
+        self.split.store(false, Ordering::Release);
+        log::warn!("split resolved: the {winner} wins, the {} is caught up from it", winner.other());
+    }
+
+    pub fn side_timeout(&self) -> Duration {
+        self.config.side_timeout
+    }
+
+    /// Asks the resyncer to look for work.
+    pub fn want_resync(&self) {
+        let _ = self.wanted.0.send(());
+    }
+
+    /// Where the resyncer waits for work.
+    pub fn resync_wanted(&self) -> Receiver<()> {
+        self.wanted.1.clone()
+    }
+
+    /// Records durably, in the journal of the side that is not `missed`,
+    /// that `missed` lacks the change to `paths`.
+    fn journal_missed(&self, missed: Side, paths: &[PathBuf]) -> io::Result<()> {
+        let Some(log) = self.journal(missed.other()) else {
+            return Ok(());
+        };
+        let refs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
+        log.record(&refs).inspect_err(|e| {
+            log::error!(
+                "side={} cannot journal a change the {missed} missed: {e}",
+                missed.other()
+            )
+        })
     }
 
     fn event(&self, kind: Kind, subject: Subject) -> Event {
@@ -358,12 +468,18 @@ impl Engine {
         }
     }
 
+    /// Swaps in a freshly opened root for a side that is out of service (a
+    /// returning network or removable volume is a new mount).
+    pub fn replace_volume(&self, side: Side, v: Volume) {
+        *self.vols[side.index()].write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(v));
+    }
+
     /// Closes a side's file on that side's lane, never in the caller's
     /// thread: a close is a call on the side like any other, and on a hung
     /// FUSE or network side it blocks (the kernel's FLUSH cannot be
     /// interrupted). A side that is down gets it on the closer thread.
-    pub fn close_on(&self, side: Side, fd: std::os::fd::OwnedFd) {
-        if !self.health.is_up(side) {
+    pub fn close_on<F: Send + 'static>(&self, side: Side, fd: F) {
+        if !self.health.takes_changes(side) {
             return self.retire(fd);
         }
         // If the lane is gone (only at exit), the fd is leaked with the job
@@ -382,8 +498,12 @@ impl Engine {
             .map_err(|e| e.into_inner())
     }
 
-    pub fn volume(&self, side: Side) -> io::Result<&Volume> {
-        self.vols[side.index()].as_deref().ok_or_else(eio)
+    pub fn volume(&self, side: Side) -> io::Result<Arc<Volume>> {
+        self.vols[side.index()]
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(eio)
     }
 
     pub fn divergences(&self) -> u64 {
@@ -392,7 +512,7 @@ impl Engine {
 
     /// Paths recorded as out of sync between the sides.
     pub fn pending_paths(&self) -> usize {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner()).len()
+        Side::BOTH.iter().filter_map(|s| self.journal(*s)).map(PathLog::len).sum()
     }
 
     /// The side that answers reads: the primary while it is up.
@@ -405,25 +525,59 @@ impl Engine {
     }
 
     /// Queues `f` on `side`'s lane; false if the side is out of service.
+    /// A change also goes to a side being resynced; anything else does not.
     fn dispatch<T: Send + 'static>(
         &self,
         side: Side,
+        effect: Effect,
         f: impl FnOnce(&Volume) -> io::Result<T> + Send + 'static,
         tx: Results<T>,
     ) -> bool {
-        let Some(vol) = self.vols[side.index()].clone() else {
+        let Ok(vol) = self.volume(side) else {
             return false;
         };
-        if !self.health.is_up(side) {
+        let serves = move |h: &Health| match effect {
+            Effect::Changes => h.takes_changes(side),
+            Effect::Opens => h.is_up(side),
+        };
+        if !serves(&self.health) {
             return false;
         }
         let health = self.health.clone();
         let job: Job = Box::new(move || {
             // Checked again here: the side may have gone down while queued.
-            let r = health.is_up(side).then(|| f(&vol));
+            let r = serves(&health).then(|| f(&vol));
             tx.send((side, r));
         });
         self.queue(side, job).is_ok()
+    }
+
+    /// Runs `f` on `side`'s lane and waits for it at most `side_timeout`; a
+    /// side that does not answer in time is taken out of service. For the
+    /// resyncer, which must never hang on the side it is catching up.
+    pub fn on_side<T: Send + 'static>(
+        &self,
+        side: Side,
+        op: &str,
+        f: impl FnOnce(&Volume) -> io::Result<T> + Send + 'static,
+    ) -> io::Result<T> {
+        let (tx, rx) = handoff::channel();
+        if !self.dispatch(side, Effect::Changes, f, tx) {
+            return Err(eio());
+        }
+        let r = match rx.recv_deadline(Instant::now() + self.config.side_timeout) {
+            Ok((_, Some(r))) => r,
+            Ok((_, None)) => Err(eio()),
+            Err(RecvTimeoutError::Timeout) => Err(io::Error::from_raw_os_error(libc::ETIMEDOUT)),
+            Err(RecvTimeoutError::Disconnected) => Err(eio()),
+        };
+        if let Err(e) = &r
+            && is_side_failure(raw(e))
+        {
+            self.health.count_error(side, op);
+            self.side_failed(side, op, Some(raw(e)), Subject::Mount);
+        }
+        r
     }
 
     /// Collects the results of the sides in `asked`. While both are asked,
@@ -476,7 +630,7 @@ impl Engine {
     fn read_on<T: Send + 'static>(&self, side: Side, f: &ReadFn<T>) -> Option<io::Result<T>> {
         let (tx, rx) = handoff::channel();
         let g = f.clone();
-        let asked = self.dispatch(side, move |v| g(side, v), tx);
+        let asked = self.dispatch(side, Effect::Opens, move |v| g(side, v), tx);
         // A deadline only while the other side could answer instead.
         if asked && self.health.is_up(side.other()) {
             return match rx.recv_deadline(Instant::now() + self.config.side_timeout) {
@@ -500,6 +654,9 @@ impl Engine {
         subject: Subject,
         f: impl Fn(Side, &Volume) -> io::Result<T> + Send + Sync + 'static,
     ) -> io::Result<T> {
+        if self.split() {
+            return Err(eio());
+        }
         let f: ReadFn<T> = Arc::new(f);
         let side = self.reader();
         match self.read_on(side, &f) {
@@ -540,7 +697,7 @@ impl Engine {
         f: impl FnOnce(&Volume) -> io::Result<T> + Send + 'static,
     ) -> Option<T> {
         let (tx, rx) = handoff::channel();
-        if !self.dispatch(side, f, tx) {
+        if !self.dispatch(side, Effect::Opens, f, tx) {
             return None;
         }
         match rx.recv_deadline(Instant::now() + limit) {
@@ -552,93 +709,158 @@ impl Engine {
     /// True when changes are refused: fail-stop (`noswitch`) with a side
     /// out of service.
     pub fn changes_refused(&self) -> bool {
-        self.config.policy == Policy::NoSwitch && Side::BOTH.iter().any(|s| !self.health.is_up(*s))
+        self.config.policy == Policy::NoSwitch && Side::BOTH.iter().any(|s| !self.health.takes_changes(*s))
     }
 
     /// Runs a change on every side that is up, concurrently, each on its
     /// own lane: `pf` on the primary, `mf` on the mirror.
     pub fn change2<T: Send + 'static>(
         &self,
+        subject: Subject,
         pf: impl FnOnce(&Volume) -> io::Result<T> + Send + 'static,
         mf: impl FnOnce(&Volume) -> io::Result<T> + Send + 'static,
     ) -> Pair<T> {
-        self.on_both(Effect::Changes, pf, mf)
+        self.on_both(Effect::Changes, subject, pf, mf)
     }
 
     /// Runs `pf` and `mf` on the sides that are up. For `Effect::Changes`,
     /// fail-stop refuses before touching anything, so that no change lands
     /// on one side only; opening a file for reading is not refused.
+    ///
+    /// A change is first put in the write-intent record while both sides
+    /// take changes, so that a crash before both have it is repaired at the
+    /// next mount.
     pub fn on_both<T: Send + 'static>(
         &self,
         effect: Effect,
+        subject: Subject,
         pf: impl FnOnce(&Volume) -> io::Result<T> + Send + 'static,
         mf: impl FnOnce(&Volume) -> io::Result<T> + Send + 'static,
     ) -> Pair<T> {
+        let refused = Pair {
+            results: [None, None],
+            refused: true,
+            effect,
+            pass: None,
+        };
         if effect == Effect::Changes && self.changes_refused() {
-            return Pair {
-                results: [None, None],
-                refused: true,
-            };
+            return refused;
+        }
+        let pass = self.gate.pass();
+        if effect == Effect::Changes
+            && let Some(intent) = self.intent()
+            && Side::BOTH.iter().all(|s| self.health.takes_changes(*s))
+        {
+            let paths = self.paths_of(subject);
+            let refs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
+            if let Err(e) = intent.record(&refs) {
+                log::error!("side=primary cannot write the write-intent record: {e}");
+                return refused;
+            }
         }
         let (tx, rx) = handoff::channel();
         let asked = [
-            self.dispatch(Side::Primary, pf, tx.clone()),
-            self.dispatch(Side::Mirror, mf, tx),
+            self.dispatch(Side::Primary, effect, pf, tx.clone()),
+            self.dispatch(Side::Mirror, effect, mf, tx),
         ];
         Pair {
             results: self.gather(rx, asked),
             refused: false,
+            effect,
+            pass: Some(pass),
         }
     }
 
     /// `change2` with one closure for both sides; it is told which side it runs on.
     pub fn change<T: Send + 'static>(
         &self,
+        subject: Subject,
         f: impl Fn(Side, &Volume) -> io::Result<T> + Send + Sync + 'static,
     ) -> Pair<T> {
-        self.each(Effect::Changes, f)
+        self.each(Effect::Changes, subject, f)
     }
 
     /// `on_both` with one closure for both sides.
     pub fn each<T: Send + 'static>(
         &self,
         effect: Effect,
+        subject: Subject,
         f: impl Fn(Side, &Volume) -> io::Result<T> + Send + Sync + 'static,
     ) -> Pair<T> {
         let f = Arc::new(f);
         let g = f.clone();
-        self.on_both(effect, move |v| f(Side::Primary, v), move |v| g(Side::Mirror, v))
+        self.on_both(effect, subject, move |v| f(Side::Primary, v), move |v| g(Side::Mirror, v))
     }
 
     /// Settles a pair of results: applies the decision to health, records
-    /// and reports divergence, and returns the answering side (whose value
-    /// is in `pair`) or the errno.
+    /// what a side missed and reports divergence, and returns the answering
+    /// side (whose value is in `pair`) or the errno.
+    ///
+    /// A side being resynced never decides the answer: whatever it did not
+    /// do, it missed, and its failure takes it down again. A side that
+    /// missed a change has it journaled, durably, before the caller is
+    /// answered.
     pub fn settle<T>(&self, op: &str, subject: Subject, pair: &Pair<T>) -> io::Result<Side> {
         if pair.refused {
             return Err(eio());
         }
-        let p = SideResult::of(&pair.results[0]);
-        let m = SideResult::of(&pair.results[1]);
-        for (side, r) in [(Side::Primary, p), (Side::Mirror, m)] {
-            if let SideResult::Err(e) = r
+        let mut r = [SideResult::of(&pair.results[0]), SideResult::of(&pair.results[1])];
+        let mut missed = [false, false];
+        let changes = pair.effect == Effect::Changes;
+        for side in Side::BOTH {
+            let i = side.index();
+            if let SideResult::Err(e) = r[i]
                 && is_side_failure(e)
             {
                 self.health.count_error(side, op);
             }
+            let other_ok = r[side.other().index()] == SideResult::Ok;
+            if self.health.state(side) == SideState::Resyncing {
+                if let SideResult::Err(e) = r[i]
+                    && is_side_failure(e)
+                {
+                    self.side_failed(side, op, Some(e), subject);
+                }
+                missed[i] = changes && (r[i] != SideResult::Ok || !other_ok);
+                r[i] = SideResult::Skipped;
+            } else if r[i] == SideResult::Err(NOT_ATTACHED) {
+                missed[i] = changes;
+                r[i] = SideResult::Skipped;
+            } else if r[i] == SideResult::Skipped {
+                missed[i] = changes;
+            }
         }
-        let d = resolve(p, m, self.config.policy);
+        let d = resolve(r[0], r[1], self.config.policy);
         if let Some(side) = d.mark_down {
-            let errno = match if side == Side::Primary { p } else { m } {
+            let errno = match r[side.index()] {
                 SideResult::Err(e) => e,
                 _ => libc::EIO,
             };
             self.side_failed(side, op, Some(errno), subject);
+            missed[side.index()] = changes;
         }
-        if p == SideResult::Skipped || m == SideResult::Skipped {
+        if let Subject::Two(from, to) = subject
+            && let Some(target) = Side::BOTH.into_iter().find(|s| self.health.state(*s) == SideState::Resyncing)
+        {
+            // A rename carries the target's copy along, whatever it held:
+            // the whole destination tree is caught up again.
+            self.journal_missed(target, &[from.to_path_buf(), crate::journal::tree(to)])?;
+        }
+        if missed.iter().any(|m| *m) {
             self.transitions_recorded();
+            let paths = self.paths_of(subject);
+            for side in Side::BOTH {
+                if missed[side.index()] && !missed[side.other().index()] {
+                    self.journal_missed(side, &paths)?;
+                }
+            }
+            if Side::BOTH.iter().all(|s| self.health.is_up(*s)) {
+                // Both are up, yet one missed this: catch it up now.
+                self.want_resync();
+            }
         }
         if d.diverged {
-            self.diverged(op, subject, p, m);
+            self.diverged(op, subject, r[0], r[1]);
         }
         match d.answer {
             Answer::From(side) => Ok(side),
@@ -655,8 +877,10 @@ impl Engine {
         };
         let detail = format!("primary={} mirror={}", show(p), show(m));
         log::warn!("op={op} diverged {detail}");
-        if let Some(path) = self.path_of(subject) {
-            self.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(path);
+        // Resynced from the primary, which answered.
+        let paths = self.paths_of(subject);
+        if self.journal_missed(Side::Mirror, &paths).is_ok() {
+            self.want_resync();
         }
         self.events
             .emit(self.event(Kind::Diverged, subject).op(op).detail(detail));
@@ -669,7 +893,7 @@ impl Engine {
         subject: Subject,
         f: impl Fn(Side, &Volume) -> io::Result<T> + Send + Sync + 'static,
     ) -> io::Result<T> {
-        let mut pair = self.change(f);
+        let mut pair = self.change(subject, f);
         let side = self.settle(op, subject, &pair)?;
         pair.take_ok(side).ok_or_else(eio)
     }
@@ -845,6 +1069,8 @@ mod engine_tests {
     fn divergence_is_recorded_with_its_path() {
         let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
         let e = engine(&dirs, Duration::from_secs(5));
+        let j = tempfile::tempdir().unwrap();
+        e.set_journal(Side::Primary, PathLog::open(j.path().join("journal")).unwrap());
         let r = e.apply("unlink", Subject::Path(Path::new("d/x")), |side, _| match side {
             Side::Primary => Ok(()),
             Side::Mirror => Err(io::Error::from_raw_os_error(libc::ENOENT)),

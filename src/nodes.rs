@@ -273,25 +273,51 @@ impl Inner {
     }
 }
 
-/// An open file: one fd per side that was up when it was opened.
+/// An open file: one fd per side that was up when it was opened. A side
+/// being resynced gets its fd when the file has been caught up there
+/// (`attach`); until then a call on that side finds none (`NOT_ATTACHED`).
 #[derive(Debug)]
 pub struct OpenFile {
     pub ino: u64,
-    pub fds: [Option<OwnedFd>; 2],
+    /// The flags it was opened with, to re-open it on a returning side.
+    pub flags: i32,
+    fds: [Mutex<Option<Arc<OwnedFd>>>; 2],
 }
 
 impl OpenFile {
-    pub fn fd(&self, side: Side) -> io::Result<std::os::fd::BorrowedFd<'_>> {
-        use std::os::fd::AsFd;
-        self.fds[side.index()]
-            .as_ref()
-            .map(|f| f.as_fd())
-            .ok_or_else(|| io::Error::from_raw_os_error(libc::EIO))
+    pub fn new(ino: u64, flags: i32, fds: [Option<OwnedFd>; 2]) -> OpenFile {
+        let [p, m] = fds;
+        OpenFile {
+            ino,
+            flags,
+            fds: [Mutex::new(p.map(Arc::new)), Mutex::new(m.map(Arc::new))],
+        }
+    }
+
+    fn slot(&self, side: Side) -> MutexGuard<'_, Option<Arc<OwnedFd>>> {
+        self.fds[side.index()].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The fd on `side`; a call made with it keeps it open until it returns.
+    pub fn fd(&self, side: Side) -> io::Result<Arc<OwnedFd>> {
+        self.slot(side)
+            .clone()
+            .ok_or_else(|| io::Error::from_raw_os_error(crate::mirror::NOT_ATTACHED))
+    }
+
+    pub fn has_fd(&self, side: Side) -> bool {
+        self.slot(side).is_some()
     }
 
     /// Takes out `side`'s fd, to be closed elsewhere.
-    pub fn take_fd(&mut self, side: Side) -> Option<OwnedFd> {
-        self.fds[side.index()].take()
+    pub fn take_fd(&self, side: Side) -> Option<Arc<OwnedFd>> {
+        self.slot(side).take()
+    }
+
+    /// Gives the file an fd on `side` (a returning side); returns the one
+    /// it replaces, to be closed elsewhere.
+    pub fn attach(&self, side: Side, fd: OwnedFd) -> Option<Arc<OwnedFd>> {
+        self.slot(side).replace(Arc::new(fd))
     }
 }
 
@@ -340,6 +366,11 @@ impl<T> Handles<T> {
 
     pub fn remove(&self, fh: u64) -> Option<Arc<T>> {
         self.map.lock().unwrap_or_else(|e| e.into_inner()).remove(&fh)
+    }
+
+    /// Every entry, for a sweep (re-attaching files to a returning side).
+    pub fn all(&self) -> Vec<Arc<T>> {
+        self.map.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect()
     }
 
     /// Any handle matching `pred` (used to stat an unlinked open file).

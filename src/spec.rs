@@ -85,7 +85,7 @@ pub struct Options {
     pub probe_interval: Duration,
     /// `side_timeout=S`, default 30 s.
     pub side_timeout: Duration,
-    /// `noautoresync` (not yet served).
+    /// `noautoresync`: a returning side waits for `mirrorfs resync`.
     pub noautoresync: bool,
     /// `hook=PROGRAM`: run for each event, with the event as JSON on stdin.
     pub hook: Option<PathBuf>,
@@ -190,17 +190,6 @@ impl Options {
             },
             k if IGNORED_OPTIONS.contains(&k) => {}
             _ => return Err(format!("unknown mount option '{opt}'")),
-        }
-        Ok(())
-    }
-
-    /// Refuses options whose behaviour this version does not provide yet.
-    pub fn check_served(&self) -> Result<(), String> {
-        let used = [("noautoresync", self.noautoresync)];
-        for (name, on) in used {
-            if on {
-                return Err(format!("mount option {name} is not supported by this version yet"));
-            }
         }
         Ok(())
     }
@@ -550,18 +539,6 @@ mod tests {
         assert!(Options::parse(&["side_timeout=abc"]).is_err());
         assert!(Options::parse(&["mirrors=maybe"]).is_err());
         assert!(Options::parse(&["fsname="]).is_err());
-    }
-
-    #[test]
-    fn refuses_options_not_served_yet() {
-        let o = Options::parse(&["noautoresync"]).unwrap();
-        assert!(o.check_served().unwrap_err().contains("noautoresync"));
-        assert!(
-            Options::parse(&["ro,create,allow_other"])
-                .unwrap()
-                .check_served()
-                .is_ok()
-        );
     }
 
     #[test]

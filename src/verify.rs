@@ -334,6 +334,9 @@ struct Report {
     primary: PathBuf,
     mirror: PathBuf,
     online: bool,
+    /// Differences found and repaired (with `--repair`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    repaired: Option<usize>,
     differences: Vec<DiffJson>,
 }
 
@@ -343,9 +346,49 @@ struct DiffJson {
     what: String,
 }
 
-/// `mirrorfs verify [--json] (MOUNTPOINT | 'PRIMARY|MIRROR')`: 0 when the
-/// sides are identical, 1 when they differ or cannot be compared.
-pub fn run(target: &str, json: bool) -> Result<u8, crate::daemon::Failure> {
+/// Copies the good side over the bad one at each differing path: online
+/// through the daemon (from the primary, with the mount live), offline
+/// directly (from the side that is not recorded stale).
+fn repair(primary: &Path, mirror: &Path, online: Option<&Path>, diffs: &[Difference]) -> Result<(), String> {
+    let mut paths: Vec<PathBuf> = diffs.iter().map(|d| d.path.clone()).collect();
+    paths.dedup();
+    if let Some(mnt) = online {
+        let manual = crate::catchup::Manual {
+            paths,
+            ..Default::default()
+        };
+        return crate::control::request_resync(mnt, manual, true)
+            .map(drop)
+            .map_err(|f| f.message().to_string());
+    }
+    use crate::spec::Side;
+    let good = match crate::meta::read_stale(mirror) {
+        Ok(Some(rec)) if rec.stale == "primary" => Side::Mirror,
+        _ => Side::Primary,
+    };
+    let roots = [primary, mirror];
+    let open = |side: Side| {
+        crate::volume::Volume::open(side, roots[side.index()]).map_err(|e| format!("{}: {e}", roots[side.index()].display()))
+    };
+    let access = crate::resync::Direct {
+        src: open(good)?,
+        dst: std::sync::Arc::new(open(good.other())?),
+    };
+    let stats = crate::resync::Stats::default();
+    let mut copier = crate::resync::Copier::new(&access, &stats);
+    for p in &paths {
+        copier
+            .reconcile(p, crate::resync::Depth::Entry)
+            .map_err(|e| format!("repairing /{}: {e}", p.display()))?;
+    }
+    eprintln!("repaired {} path(s) from the {good}", paths.len());
+    Ok(())
+}
+
+/// `mirrorfs verify [--repair] [--json] (MOUNTPOINT | 'PRIMARY|MIRROR')`: 0
+/// when the sides are identical (after repair, with `--repair`), 1 when
+/// they differ or cannot be compared.
+pub fn run(target: &str, json: bool, repair_them: bool) -> Result<u8, crate::daemon::Failure> {
     use crate::daemon::Failure;
     let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
     let (primary, mirror, online) = if target.contains('|') {
@@ -385,11 +428,20 @@ pub fn run(target: &str, json: bool) -> Result<u8, crate::daemon::Failure> {
         diffs.retain(|d| again.iter().any(|a| a.path == d.path));
         looks += 1;
     }
+    let mut repaired = None;
+    if repair_them && !diffs.is_empty() {
+        let mnt = online.then(|| Path::new(target));
+        repair(&primary, &mirror, mnt, &diffs).map_err(Failure::Runtime)?;
+        let left = compare()?;
+        repaired = Some(diffs.len());
+        diffs = left;
+    }
     if json {
         let report = Report {
             primary: primary.clone(),
             mirror: mirror.clone(),
             online,
+            repaired,
             differences: diffs
                 .iter()
                 .map(|d| DiffJson {
@@ -402,6 +454,9 @@ pub fn run(target: &str, json: bool) -> Result<u8, crate::daemon::Failure> {
     } else {
         for d in &diffs {
             println!("/{}: {}", d.path.display(), d.what);
+        }
+        if let Some(n) = repaired {
+            println!("{n} difference(s) repaired");
         }
         println!(
             "{} difference(s) between {} and {}",

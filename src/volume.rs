@@ -417,6 +417,12 @@ impl Volume {
     /// side whose metadata directory is gone (an empty mountpoint left by an
     /// unmounted disk) fails with ENOENT. No regular file is opened: closing
     /// one on a hung FUSE side would block beyond any signal.
+    /// Makes everything written to the side's filesystem durable.
+    pub fn syncfs(&self) -> io::Result<()> {
+        // SAFETY: syncfs on an fd we own.
+        cvt(unsafe { libc::syncfs(self.root.as_raw_fd()) }).map(drop)
+    }
+
     pub fn probe(&self) -> io::Result<()> {
         self.statvfs()?;
         let rel = Path::new(META_DIR).join("probe");
@@ -428,6 +434,18 @@ impl Volume {
         self.rmdir(&rel)?;
         // SAFETY: syncfs on an fd we own.
         cvt(unsafe { libc::syncfs(self.root.as_raw_fd()) }).map(drop)
+    }
+
+    /// Lists a directory without updating its access time (`O_NOATIME`, which
+    /// needs ownership or CAP_FOWNER; without them, a plain listing), so that
+    /// a copier's reads leave the times it compares alone.
+    pub fn read_dir_noatime(&self, rel: &Path) -> io::Result<Vec<DirEntry>> {
+        let flags = libc::O_RDONLY | libc::O_DIRECTORY;
+        let fd = match self.open_file(rel, flags | libc::O_NOATIME) {
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => self.open_file(rel, flags)?,
+            r => r?,
+        };
+        read_dir_fd(fd)
     }
 }
 

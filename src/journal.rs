@@ -1,0 +1,303 @@
+//! The durable records of paths: the missed-change journal and the
+//! write-intent record.
+//!
+//! Owns: `PathLog`, an append-only file of relative paths with an in-memory
+//! set in front of it, so that recording a path costs one durable append
+//! the first time and nothing after; and `Intent`, the write-intent record
+//! built from two `PathLog` epochs. Knows nothing of FUSE or of the engine.
+//!
+//! File format: one path per line; `\` and newline in a name are escaped as
+//! `\\` and `\n`, every other byte is written as is.
+
+use std::collections::BTreeSet;
+use std::ffi::OsStr;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+/// The missed-change journal of a side, kept on the side that is up.
+pub const JOURNAL: &str = "journal";
+/// The write-intent record, kept on the primary: `intent.0` and `intent.1`.
+pub const INTENT: &str = "intent";
+
+/// The first component of a path recorded for a whole-tree catch-up (a
+/// directory renamed while its side was being resynced, or everything).
+const TREE: &str = "\0tree";
+
+/// `p` marked for a catch-up of its whole tree ("" is everything).
+pub fn tree(p: &Path) -> PathBuf {
+    Path::new(TREE).join(p)
+}
+
+/// A recorded path and whether its whole tree is to be caught up.
+pub fn unmark(p: &Path) -> (&Path, bool) {
+    match p.strip_prefix(TREE) {
+        Ok(rest) => (rest, true),
+        Err(_) => (p, false),
+    }
+}
+
+fn encode(p: &Path, out: &mut Vec<u8>) {
+    for &b in p.as_os_str().as_bytes() {
+        match b {
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            _ => out.push(b),
+        }
+    }
+    out.push(b'\n');
+}
+
+fn decode(line: &[u8]) -> PathBuf {
+    let mut out = Vec::with_capacity(line.len());
+    let mut it = line.iter();
+    while let Some(&b) = it.next() {
+        if b == b'\\' {
+            match it.next() {
+                Some(b'n') => out.push(b'\n'),
+                Some(&c) => out.push(c),
+                None => {}
+            }
+        } else {
+            out.push(b);
+        }
+    }
+    PathBuf::from(OsStr::from_bytes(&out))
+}
+
+/// Reads the paths recorded in `file`; a missing file holds none. A torn
+/// last line (a crash mid-append) is read as far as it goes, which can only
+/// name an ancestor-free prefix of a path: harmless, it is reconciled too.
+pub fn read_paths(file: &Path) -> io::Result<BTreeSet<PathBuf>> {
+    match fs::read(file) {
+        Ok(bytes) => Ok(bytes
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(decode)
+            .collect()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(BTreeSet::new()),
+        Err(e) => Err(e),
+    }
+}
+
+struct Inner {
+    file: Option<File>,
+    seen: BTreeSet<PathBuf>,
+}
+
+/// A durable, deduplicated set of paths in one file.
+pub struct PathLog {
+    path: PathBuf,
+    inner: Mutex<Inner>,
+}
+
+impl PathLog {
+    /// Opens the log at `path`, loading what it already records.
+    pub fn open(path: PathBuf) -> io::Result<PathLog> {
+        let seen = read_paths(&path)?;
+        Ok(PathLog {
+            path,
+            inner: Mutex::new(Inner { file: None, seen }),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records `paths` durably; returns once they are on disk. Paths already
+    /// recorded cost nothing. The lock is held across the append so that a
+    /// second caller with the same path does not answer before it is durable.
+    pub fn record(&self, paths: &[&Path]) -> io::Result<()> {
+        let mut inner = self.lock();
+        let mut buf = Vec::new();
+        for p in paths {
+            if !inner.seen.contains(*p) {
+                encode(p, &mut buf);
+            }
+        }
+        if buf.is_empty() {
+            return Ok(());
+        }
+        if inner.file.is_none() {
+            let f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(&self.path)?;
+            // A new file must survive a crash: its directory entry too.
+            if let Some(dir) = self.path.parent() {
+                File::open(dir)?.sync_all()?;
+            }
+            inner.file = Some(f);
+        }
+        let f = inner.file.as_mut().ok_or_else(|| io::Error::from_raw_os_error(libc::EIO))?;
+        f.write_all(&buf)?;
+        f.sync_data()?;
+        for p in paths {
+            inner.seen.insert(p.to_path_buf());
+        }
+        Ok(())
+    }
+
+    /// The first path recorded, in path order (a parent before its children).
+    pub fn first(&self) -> Option<PathBuf> {
+        self.lock().seen.first().cloned()
+    }
+
+    /// Forgets `p` in memory, while it is being caught up: a change to it
+    /// from now on is recorded (appended) again. The file keeps it until
+    /// `clear`, so a crash meanwhile repeats the work rather than losing it.
+    pub fn forget(&self, p: &Path) {
+        self.lock().seen.remove(p);
+    }
+
+    pub fn contains(&self, p: &Path) -> bool {
+        self.lock().seen.contains(p)
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().seen.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lock().seen.is_empty()
+    }
+
+    /// Every path recorded.
+    pub fn paths(&self) -> BTreeSet<PathBuf> {
+        self.lock().seen.clone()
+    }
+
+    /// Forgets everything: removes the file durably.
+    pub fn clear(&self) -> io::Result<()> {
+        let mut inner = self.lock();
+        inner.file = None;
+        inner.seen.clear();
+        match fs::remove_file(&self.path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        if let Some(dir) = self.path.parent() {
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+}
+
+/// The write-intent record: every path with a change in flight is in it
+/// before the change reaches either side. It has two epochs; paths go into
+/// the current one. Clearing (lazily, in the background) moves to the other
+/// epoch once no change of the old one is in flight, makes both sides
+/// durable (syncfs), and only then removes the old epoch's file.
+pub struct Intent {
+    dir: PathBuf,
+    epochs: [PathLog; 2],
+    current: Mutex<usize>,
+}
+
+impl Intent {
+    pub fn file(dir: &Path, epoch: usize) -> PathBuf {
+        dir.join(format!("{INTENT}.{epoch}"))
+    }
+
+    /// Paths left by a run that did not end cleanly.
+    pub fn leftover(dir: &Path) -> io::Result<BTreeSet<PathBuf>> {
+        let mut all = read_paths(&Self::file(dir, 0))?;
+        all.extend(read_paths(&Self::file(dir, 1))?);
+        Ok(all)
+    }
+
+    /// Starts empty: leftovers must have been reconciled and removed first.
+    pub fn open(dir: &Path) -> io::Result<Intent> {
+        for e in 0..2 {
+            match fs::remove_file(Self::file(dir, e)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(Intent {
+            dir: dir.to_path_buf(),
+            epochs: [
+                PathLog::open(Self::file(dir, 0))?,
+                PathLog::open(Self::file(dir, 1))?,
+            ],
+            current: Mutex::new(0),
+        })
+    }
+
+    /// Records `paths` in the current epoch before a change is made.
+    pub fn record(&self, paths: &[&Path]) -> io::Result<()> {
+        let e = *self.current.lock().unwrap_or_else(|e| e.into_inner());
+        self.epochs[e].record(paths)
+    }
+
+    /// True when the current epoch records nothing.
+    pub fn idle(&self) -> bool {
+        let e = *self.current.lock().unwrap_or_else(|e| e.into_inner());
+        self.epochs[e].is_empty()
+    }
+
+    /// Switches to the other epoch. The caller must hold off changes while
+    /// it does (the engine's gate), so that no change of the old epoch is in
+    /// flight afterwards. Returns the old epoch.
+    pub fn switch(&self) -> usize {
+        let mut cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        let old = *cur;
+        *cur = 1 - old;
+        old
+    }
+
+    /// Forgets epoch `e` once its changes are durable on both sides.
+    pub fn clear(&self, e: usize) -> io::Result<()> {
+        self.epochs[e].clear()
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_round_trip_with_odd_bytes() {
+        let t = tempfile::tempdir().unwrap();
+        let log = PathLog::open(t.path().join("j")).unwrap();
+        let odd = PathBuf::from(OsStr::from_bytes(b"a\\b\nc/\xff"));
+        log.record(&[Path::new("x/y"), &odd]).unwrap();
+        log.record(&[Path::new("x/y")]).unwrap();
+        let again = PathLog::open(t.path().join("j")).unwrap();
+        assert_eq!(again.paths(), BTreeSet::from([PathBuf::from("x/y"), odd]));
+        // A path recorded twice is appended once.
+        assert_eq!(fs::read(t.path().join("j")).unwrap().iter().filter(|b| **b == b'\n').count(), 2);
+        again.record(&[&tree(Path::new(""))]).unwrap();
+        let first = PathLog::open(t.path().join("j")).unwrap().first().unwrap();
+        assert_eq!(unmark(&first), (Path::new(""), true), "a whole-tree mark sorts first");
+        again.clear().unwrap();
+        assert!(PathLog::open(t.path().join("j")).unwrap().is_empty());
+    }
+
+    #[test]
+    fn intent_epochs_clear_only_the_old_one() {
+        let t = tempfile::tempdir().unwrap();
+        let i = Intent::open(t.path()).unwrap();
+        assert!(i.idle());
+        i.record(&[Path::new("a")]).unwrap();
+        let old = i.switch();
+        i.record(&[Path::new("b")]).unwrap();
+        assert_eq!(Intent::leftover(t.path()).unwrap().len(), 2);
+        i.clear(old).unwrap();
+        assert_eq!(
+            Intent::leftover(t.path()).unwrap(),
+            BTreeSet::from([PathBuf::from("b")])
+        );
+    }
+}
