@@ -124,6 +124,7 @@ pub struct Manual {
 }
 
 type Done = Sender<Result<String, String>>;
+type Requests = (Sender<(Manual, Done)>, Receiver<(Manual, Done)>);
 
 /// The resyncer of one mount.
 pub struct Catchup {
@@ -132,7 +133,7 @@ pub struct Catchup {
     spec: MountSpec,
     auto: bool,
     pub progress: Arc<Progress>,
-    manual: (Sender<(Manual, Done)>, Receiver<(Manual, Done)>),
+    manual: Requests,
 }
 
 /// Online access for the copier: steps under the gate, the target on its
@@ -238,8 +239,7 @@ impl Catchup {
             return;
         }
         // Both up: paths that diverged are caught up from the primary.
-        if Side::BOTH.iter().all(|s| h.is_up(*s)) && self.engine.journal(Side::Primary).is_some_and(|j| !j.is_empty())
-        {
+        if Side::BOTH.iter().all(|s| h.is_up(*s)) && self.engine.journal(Side::Primary).is_some_and(|j| !j.is_empty()) {
             let _ = self.resync(Side::Mirror, false);
         }
     }
@@ -266,14 +266,17 @@ impl Catchup {
             }
             let j = self.engine.journal(Side::Primary).ok_or("no journal on the primary")?;
             let refs: Vec<&Path> = m.paths.iter().map(PathBuf::as_path).collect();
-            j.record(&refs).map_err(|e| format!("journaling the paths to repair: {e}"))?;
+            j.record(&refs)
+                .map_err(|e| format!("journaling the paths to repair: {e}"))?;
             return self.resync(Side::Mirror, false);
         }
         let target = Side::BOTH
             .into_iter()
             .find(|s| matches!(h.state(*s), SideState::Down | SideState::Off));
         match target {
-            Some(t) if m.from.is_some_and(|f| f == t) => Err(format!("the {t} is out of service: it cannot be the source")),
+            Some(t) if m.from.is_some_and(|f| f == t) => {
+                Err(format!("the {t} is out of service: it cannot be the source"))
+            }
             Some(t) => self.resync(t, m.full),
             None if m.full => self.resync(m.from.map_or(Side::Mirror, Side::other), true),
             None if self.engine.pending_paths() > 0 => self.resync(Side::Mirror, false),
@@ -337,7 +340,11 @@ impl Catchup {
         }
         // Everything either side lacks goes into the source's journal, so a
         // crash in the middle repeats it.
-        let mut extra: Vec<PathBuf> = self.engine.journal(target).map(|j| j.paths().into_iter().collect()).unwrap_or_default();
+        let mut extra: Vec<PathBuf> = self
+            .engine
+            .journal(target)
+            .map(|j| j.paths().into_iter().collect())
+            .unwrap_or_default();
         if full {
             extra.push(crate::journal::tree(Path::new("")));
         }
@@ -353,7 +360,10 @@ impl Catchup {
             let _x = self.engine.exclusive();
             if !was_up {
                 if !h.begin_resync(target) {
-                    return fail(format!("the {target} cannot be resynced now ({})", h.state(target).name()));
+                    return fail(format!(
+                        "the {target} cannot be resynced now ({})",
+                        h.state(target).name()
+                    ));
                 }
                 self.files.detach(target, &self.engine);
             }
@@ -373,11 +383,12 @@ impl Catchup {
             bytes_total,
             stats: stats.clone(),
         });
-        self.engine.events.emit(
-            Event::new(Kind::ResyncStarted)
-                .side(target)
-                .detail(format!("from the {source}: {files_total} files, {bytes_total} bytes{}", if full { " (full)" } else { "" })),
-        );
+        self.engine
+            .events
+            .emit(Event::new(Kind::ResyncStarted).side(target).detail(format!(
+                "from the {source}: {files_total} files, {bytes_total} bytes{}",
+                if full { " (full)" } else { "" }
+            )));
         let r = self.copy(target, &src, src_journal, &stats, clock);
         let secs = clock.elapsed().as_secs_f64();
         *self.progress.running.lock().unwrap_or_else(|e| e.into_inner()) = None;
@@ -424,7 +435,14 @@ impl Catchup {
         }
     }
 
-    fn copy(&self, target: Side, src: &Arc<Volume>, journal: &PathLog, stats: &Stats, clock: Instant) -> Result<(), String> {
+    fn copy(
+        &self,
+        target: Side,
+        src: &Arc<Volume>,
+        journal: &PathLog,
+        stats: &Stats,
+        clock: Instant,
+    ) -> Result<(), String> {
         let access = Online {
             engine: &self.engine,
             files: &self.files,
@@ -449,10 +467,12 @@ impl Catchup {
                 if reported.elapsed() >= PROGRESS_EVERY {
                     reported = Instant::now();
                     if let Some(s) = self.progress.current() {
-                        self.engine.events.emit(Event::new(Kind::ResyncProgress).side(target).detail(format!(
-                            "{}/{} files, {}/{} bytes, {} copied, {} B/s",
-                            s.files_done, s.files_total, s.bytes_done, s.bytes_total, s.bytes_copied, s.rate
-                        )));
+                        self.engine
+                            .events
+                            .emit(Event::new(Kind::ResyncProgress).side(target).detail(format!(
+                                "{}/{} files, {}/{} bytes, {} copied, {} B/s",
+                                s.files_done, s.files_total, s.bytes_done, s.bytes_total, s.bytes_copied, s.rate
+                            )));
                     }
                 }
             }

@@ -398,7 +398,10 @@ fn handle(ctl: &Control, conn: UnixStream) -> io::Result<()> {
             let reply = match allowed(ctl, &conn, "take a side out")? {
                 Err(e) => e,
                 Ok(()) => match ctl.engine.fail(side) {
-                    Ok(()) => Reply { ok: true, ..Reply::default() },
+                    Ok(()) => Reply {
+                        ok: true,
+                        ..Reply::default()
+                    },
                     Err(e) => Reply {
                         error: Some(e),
                         ok: false,
@@ -437,7 +440,10 @@ fn handle(ctl: &Control, conn: UnixStream) -> io::Result<()> {
                             },
                         }
                     } else {
-                        Reply { ok: true, ..Reply::default() }
+                        Reply {
+                            ok: true,
+                            ..Reply::default()
+                        }
                     }
                 }
             };
@@ -628,7 +634,10 @@ pub fn resync(mountpoint: &Path, manual: Manual, wait: bool) -> Result<u8, Failu
     if wait {
         println!("{}", reply.message.unwrap_or_default());
     } else {
-        println!("resync requested for {}; follow it with `mirrorfs status`", mnt.display());
+        println!(
+            "resync requested for {}; follow it with `mirrorfs status`",
+            mnt.display()
+        );
     }
     Ok(0)
 }

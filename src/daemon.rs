@@ -21,10 +21,10 @@ use nix::sys::signal::{SigSet, Signal};
 
 use crate::catchup::Catchup;
 use crate::control::{self, Control};
-use crate::journal::Intent;
 use crate::events::{Event, Events, Kind};
 use crate::fs::{FsConfig, MirrorFs};
 use crate::health::{Health, Probe, SideState, errno_label, errno_name};
+use crate::journal::Intent;
 use crate::meta;
 use crate::mirror::{Engine, EngineConfig, Policy};
 use crate::spec::{MountSpec, Options, Side};

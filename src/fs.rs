@@ -906,7 +906,9 @@ impl Filesystem for MirrorFs {
     fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
         reply_empty(
             reply,
-            self.on_handle("fsync", fh.0, move |f, side| volume::fsync(f.fd(side)?.as_fd(), datasync)),
+            self.on_handle("fsync", fh.0, move |f, side| {
+                volume::fsync(f.fd(side)?.as_fd(), datasync)
+            }),
         );
     }
 
@@ -1078,7 +1080,14 @@ impl Filesystem for MirrorFs {
         let r = self.writable().and_then(|_| self.files.get(fh_in.0)).and_then(|fin| {
             let flags = flags.bits() as u32;
             self.on_handle("copy_file_range", fh_out.0, move |fout, side| {
-                volume::copy_file_range(fin.fd(side)?.as_fd(), offset_in, fout.fd(side)?.as_fd(), offset_out, len, flags)
+                volume::copy_file_range(
+                    fin.fd(side)?.as_fd(),
+                    offset_in,
+                    fout.fd(side)?.as_fd(),
+                    offset_out,
+                    len,
+                    flags,
+                )
             })
         });
         match r {

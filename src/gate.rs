@@ -118,7 +118,10 @@ mod tests {
         drop(p);
         std::thread::sleep(Duration::from_millis(30));
         let _p = g.pass();
-        assert!(!inside.load(Ordering::SeqCst), "a pass entered while exclusive was held");
+        assert!(
+            !inside.load(Ordering::SeqCst),
+            "a pass entered while exclusive was held"
+        );
         t.join().unwrap();
     }
 }

@@ -358,7 +358,10 @@ mod tests {
         h.mark_down(Side::Mirror, "write", Some(libc::EIO));
         assert!(h.begin_resync(Side::Mirror));
         assert!(h.takes_changes(Side::Mirror) && !h.is_up(Side::Mirror));
-        assert!(h.mark_down(Side::Mirror, "write", Some(libc::EIO)), "a failure during resync");
+        assert!(
+            h.mark_down(Side::Mirror, "write", Some(libc::EIO)),
+            "a failure during resync"
+        );
         assert!(h.begin_resync(Side::Mirror));
         assert!(h.resync_done(Side::Mirror));
         assert!(h.is_up(Side::Mirror) && h.down_info(Side::Mirror).is_none());

@@ -134,7 +134,10 @@ impl PathLog {
             }
             inner.file = Some(f);
         }
-        let f = inner.file.as_mut().ok_or_else(|| io::Error::from_raw_os_error(libc::EIO))?;
+        let f = inner
+            .file
+            .as_mut()
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EIO))?;
         f.write_all(&buf)?;
         f.sync_data()?;
         for p in paths {
@@ -223,10 +226,7 @@ impl Intent {
         }
         Ok(Intent {
             dir: dir.to_path_buf(),
-            epochs: [
-                PathLog::open(Self::file(dir, 0))?,
-                PathLog::open(Self::file(dir, 1))?,
-            ],
+            epochs: [PathLog::open(Self::file(dir, 0))?, PathLog::open(Self::file(dir, 1))?],
             current: Mutex::new(0),
         })
     }
@@ -277,7 +277,14 @@ mod tests {
         let again = PathLog::open(t.path().join("j")).unwrap();
         assert_eq!(again.paths(), BTreeSet::from([PathBuf::from("x/y"), odd]));
         // A path recorded twice is appended once.
-        assert_eq!(fs::read(t.path().join("j")).unwrap().iter().filter(|b| **b == b'\n').count(), 2);
+        assert_eq!(
+            fs::read(t.path().join("j"))
+                .unwrap()
+                .iter()
+                .filter(|b| **b == b'\n')
+                .count(),
+            2
+        );
         again.record(&[&tree(Path::new(""))]).unwrap();
         let first = PathLog::open(t.path().join("j")).unwrap().first().unwrap();
         assert_eq!(unmark(&first), (Path::new(""), true), "a whole-tree mark sorts first");

@@ -225,13 +225,23 @@ pub fn staleness(roots: [Option<&Path>; 2]) -> Result<Staleness, String> {
     }
     let took_changes = |side: Side| {
         roots[side.index()]
-            .map(|r| crate::journal::read_paths(&journal_path(r)).map(|p| !p.is_empty()).unwrap_or(true))
+            .map(|r| {
+                crate::journal::read_paths(&journal_path(r))
+                    .map(|p| !p.is_empty())
+                    .unwrap_or(true)
+            })
             .unwrap_or(true)
     };
     match (took_changes(Side::Primary), took_changes(Side::Mirror)) {
         (true, true) => Ok(Staleness::Split),
-        (false, _) => Ok(found.into_iter().find(|(s, _)| *s == Side::Primary).map_or(Staleness::Split, |(s, r)| Staleness::Stale(s, r))),
-        (true, false) => Ok(found.into_iter().find(|(s, _)| *s == Side::Mirror).map_or(Staleness::Split, |(s, r)| Staleness::Stale(s, r))),
+        (false, _) => Ok(found
+            .into_iter()
+            .find(|(s, _)| *s == Side::Primary)
+            .map_or(Staleness::Split, |(s, r)| Staleness::Stale(s, r))),
+        (true, false) => Ok(found
+            .into_iter()
+            .find(|(s, _)| *s == Side::Mirror)
+            .map_or(Staleness::Split, |(s, r)| Staleness::Stale(s, r))),
     }
 }
 
@@ -314,10 +324,16 @@ mod tests {
         assert_eq!(read_record(&a).unwrap().generation, 1);
         // The mirror, mounted alone, records the primary stale too: with no
         // change journaled on the mirror, the mirror is merely stale.
-        crate::journal::PathLog::open(journal_path(&a)).unwrap().record(&[Path::new("x")]).unwrap();
+        crate::journal::PathLog::open(journal_path(&a))
+            .unwrap()
+            .record(&[Path::new("x")])
+            .unwrap();
         record_stale(&b, Side::Primary, "mount", "ENOENT").unwrap();
         assert!(matches!(staleness(roots).unwrap(), Staleness::Stale(Side::Mirror, _)));
-        crate::journal::PathLog::open(journal_path(&b)).unwrap().record(&[Path::new("y")]).unwrap();
+        crate::journal::PathLog::open(journal_path(&b))
+            .unwrap()
+            .record(&[Path::new("y")])
+            .unwrap();
         assert_eq!(staleness(roots).unwrap(), Staleness::Split);
         clear_stale(&a).unwrap();
         assert!(matches!(staleness(roots).unwrap(), Staleness::Stale(Side::Primary, _)));

@@ -373,7 +373,10 @@ impl Engine {
         let _t = self.transition.lock().unwrap_or_else(|e| e.into_inner());
         self.health.make_winner(winner);
         self.split.store(false, Ordering::Release);
-        log::warn!("split resolved: the {winner} wins, the {} is caught up from it", winner.other());
+        log::warn!(
+            "split resolved: the {winner} wins, the {} is caught up from it",
+            winner.other()
+        );
     }
 
     pub fn side_timeout(&self) -> Duration {
@@ -512,7 +515,11 @@ impl Engine {
 
     /// Paths recorded as out of sync between the sides.
     pub fn pending_paths(&self) -> usize {
-        Side::BOTH.iter().filter_map(|s| self.journal(*s)).map(PathLog::len).sum()
+        Side::BOTH
+            .iter()
+            .filter_map(|s| self.journal(*s))
+            .map(PathLog::len)
+            .sum()
     }
 
     /// The side that answers reads: the primary while it is up.
@@ -789,7 +796,12 @@ impl Engine {
     ) -> Pair<T> {
         let f = Arc::new(f);
         let g = f.clone();
-        self.on_both(effect, subject, move |v| f(Side::Primary, v), move |v| g(Side::Mirror, v))
+        self.on_both(
+            effect,
+            subject,
+            move |v| f(Side::Primary, v),
+            move |v| g(Side::Mirror, v),
+        )
     }
 
     /// Settles a pair of results: applies the decision to health, records
@@ -840,7 +852,9 @@ impl Engine {
             missed[side.index()] = changes;
         }
         if let Subject::Two(from, to) = subject
-            && let Some(target) = Side::BOTH.into_iter().find(|s| self.health.state(*s) == SideState::Resyncing)
+            && let Some(target) = Side::BOTH
+                .into_iter()
+                .find(|s| self.health.state(*s) == SideState::Resyncing)
         {
             // A rename carries the target's copy along, whatever it held:
             // the whole destination tree is caught up again.

@@ -370,7 +370,12 @@ impl<T> Handles<T> {
 
     /// Every entry, for a sweep (re-attaching files to a returning side).
     pub fn all(&self) -> Vec<Arc<T>> {
-        self.map.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect()
+        self.map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// Any handle matching `pred` (used to stat an unlinked open file).

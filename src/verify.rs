@@ -368,7 +368,8 @@ fn repair(primary: &Path, mirror: &Path, online: Option<&Path>, diffs: &[Differe
     };
     let roots = [primary, mirror];
     let open = |side: Side| {
-        crate::volume::Volume::open(side, roots[side.index()]).map_err(|e| format!("{}: {e}", roots[side.index()].display()))
+        crate::volume::Volume::open(side, roots[side.index()])
+            .map_err(|e| format!("{}: {e}", roots[side.index()].display()))
     };
     let access = crate::resync::Direct {
         src: open(good)?,
