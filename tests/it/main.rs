@@ -9,5 +9,6 @@ mod cli;
 mod failover;
 mod faults;
 mod posix;
+mod resync;
 mod verify;
 mod workloads;
