@@ -9,9 +9,10 @@ use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use crate::common::{Mounted, ok, open_tempdir, run};
+use crate::common::{BIN, Mounted, fuse_available, ok, open_tempdir, run, run_within};
+use crate::faults::{Zram, ZramMount};
 
 pub(crate) fn text(out: &Output) -> String {
     format!(
@@ -487,4 +488,224 @@ fn sqlite_rollback_journal() {
 #[test]
 fn sqlite_wal() {
     sqlite_workload("sqlite_wal", "WAL");
+}
+
+// ---------------------------------------------------------------- PostgreSQL through failure, heal and resync
+
+/// `mirrorfs status --json MOUNTPOINT`: exit code and the object.
+fn status_json(mnt: &Path) -> (i32, serde_json::Value) {
+    let out = run_within(
+        Command::new(BIN).args(["status", "--json"]).arg(mnt),
+        Duration::from_secs(10),
+    );
+    let v = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("status --json {}: not JSON ({e}):\n{}", mnt.display(), text(&out)));
+    (out.status.code().unwrap_or(-1), v)
+}
+
+/// The state of `side` in a status object.
+fn side_state(st: &serde_json::Value, side: &str) -> String {
+    st["sides"]
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["side"] == side))
+        .and_then(|s| s["state"].as_str())
+        .unwrap_or_else(|| panic!("no {side} state in status:\n{st:#}"))
+        .to_string()
+}
+
+/// Status and the event log of a mount, for a failure message.
+fn diagnostics(mnt: &Path) -> String {
+    let (code, st) = status_json(mnt);
+    let evs = run_within(
+        Command::new(BIN).args(["events", "--json"]).arg(mnt),
+        Duration::from_secs(10),
+    );
+    format!(
+        "--- status --json (exit {code}) ---\n{st:#}\n--- events --json ---\n{}",
+        text(&evs)
+    )
+}
+
+/// One value from psql -At.
+fn psql_value(pg: &PgServer, sql: &str) -> u64 {
+    let out = ok(as_postgres("psql")
+        .arg("-h")
+        .arg(&pg.sockdir)
+        .args(["-p", &pg.port.to_string(), "-U", "postgres"])
+        .args(["-At", "-X", "-v", "ON_ERROR_STOP=1"])
+        .args(["-c", sql, "postgres"]));
+    let s = String::from_utf8_lossy(&out.stdout);
+    s.trim().parse().unwrap_or_else(|e| panic!("psql {sql:?}: {e}: {s:?}"))
+}
+
+/// pg_checksums --check on a stopped cluster directory.
+fn assert_checksums(data: &Path) {
+    let out = run(as_postgres("pg_checksums").arg("--check").arg("-D").arg(data));
+    let all = text(&out);
+    assert!(
+        out.status.success() && all.contains("Bad checksums:  0"),
+        "pg_checksums --check -D {} ({}):\n{all}",
+        data.display(),
+        out.status
+    );
+}
+
+/// pgbench runs on while the mirror (a zram device) fails, heals and is
+/// caught up: no client sees an error, the mount is HEALTHY again after an
+/// automatic resync, the sides are byte-identical, each side is a
+/// consistent cluster, and the mirror alone serves every committed row.
+#[test]
+fn pgbench_runs_through_mirror_failure_heal_and_resync() {
+    let test = "pgbench_runs_through_mirror_failure_heal_and_resync";
+    if !fuse_available(test) {
+        return;
+    }
+    const BENCH_SECS: u64 = 60;
+    let z = Zram::new("1G", ZramMount::Sync);
+    let zside = z.side();
+    let mut m = Mounted::on_sides(test, None, Some(&zside), "allow_other,probe_interval=1").unwrap();
+    chown_postgres_0700(&m.mnt);
+    let sock = open_tempdir();
+    std::fs::set_permissions(sock.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    ok(as_postgres("initdb")
+        .args(["-k", "-A", "trust", "-U", "postgres", "-D"])
+        .arg(&m.mnt));
+    let mut pg = PgServer::start(&m.mnt, sock.path());
+    let t_init = Instant::now();
+    pg.pgbench(&["-i", "-s", "10"]);
+    eprintln!("{test}: pgbench -i -s 10 in {:.1} s", t_init.elapsed().as_secs_f64());
+
+    let mut bench = as_postgres("pgbench");
+    bench
+        .arg("-h")
+        .arg(&pg.sockdir)
+        .args(["-p", &pg.port.to_string()])
+        .args(["-c", "4", "-j", "2", "-T", &BENCH_SECS.to_string(), "postgres"]);
+    let t0 = Instant::now();
+    let runner = std::thread::spawn(move || run(&mut bench));
+
+    std::thread::sleep(Duration::from_secs(8));
+    z.fail();
+    let t_fail = t0.elapsed();
+    loop {
+        let (_, st) = status_json(&m.mnt);
+        if side_state(&st, "mirror") == "DOWN" {
+            break;
+        }
+        assert!(
+            t0.elapsed() - t_fail < Duration::from_secs(30),
+            "the mirror is not DOWN 30 s after the zram failed\n{}",
+            diagnostics(&m.mnt)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let t_down = t0.elapsed();
+    let (code, st) = status_json(&m.mnt);
+    assert_eq!(code, 2, "DEGRADED expected with the mirror down:\n{st:#}");
+    std::thread::sleep(Duration::from_secs(8));
+    assert!(
+        !runner.is_finished(),
+        "pgbench ended while the mirror was down ({:.1} s)",
+        t0.elapsed().as_secs_f64()
+    );
+    z.heal();
+    let t_heal = t0.elapsed();
+    let mut seen_resyncing = false;
+    let st = loop {
+        let (code, st) = status_json(&m.mnt);
+        seen_resyncing |= st["state"] == "RESYNCING" || side_state(&st, "mirror") == "RESYNCING";
+        let last = &st["last_resync"];
+        if code == 0 && st["state"] == "HEALTHY" && last["side"] == "mirror" && last["ok"] == true {
+            break st;
+        }
+        assert!(
+            t0.elapsed() - t_heal < Duration::from_secs(180),
+            "not HEALTHY after a resync of the mirror within 180 s of the heal\n{}",
+            diagnostics(&m.mnt)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let t_healthy = t0.elapsed();
+    let bench_running_at_healthy = !runner.is_finished();
+    eprintln!(
+        "{test}: zram failed at {:.1} s, mirror DOWN at {:.1} s, healed at {:.1} s, HEALTHY at {:.1} s \
+         (RESYNCING seen: {seen_resyncing}; pgbench still running: {bench_running_at_healthy}); last_resync: {}",
+        t_fail.as_secs_f64(),
+        t_down.as_secs_f64(),
+        t_heal.as_secs_f64(),
+        t_healthy.as_secs_f64(),
+        st["last_resync"]
+    );
+
+    let out = runner.join().expect("pgbench thread");
+    let all = text(&out);
+    let client_errors = all
+        .lines()
+        .filter(|l| l.contains("aborted") || l.contains("ERROR") || l.contains("FATAL") || l.contains("PANIC"))
+        .count();
+    let failed = all
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("number of failed transactions:"))
+        .and_then(|v| v.split_whitespace().next())
+        .map(|v| v.parse::<u64>().expect("failed count"));
+    let processed = all
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("number of transactions actually processed:"))
+        .and_then(|v| v.split('/').next())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    eprintln!("{test}: pgbench: failed {failed:?}, processed {processed:?}, {client_errors} client error lines");
+    if !out.status.success() || client_errors > 0 || failed != Some(0) || !processed.is_some_and(|n| n > 0) {
+        let log = std::fs::read_to_string(&pg.log).unwrap_or_default();
+        panic!(
+            "pgbench through the mirror's failure, heal and resync ({}):\n{all}\n--- server log ---\n{log}\n{}",
+            out.status,
+            diagnostics(&m.mnt)
+        );
+    }
+    let history = psql_value(&pg, "SELECT count(*) FROM pgbench_history");
+    let accounts = psql_value(&pg, "SELECT count(*) FROM pgbench_accounts");
+    eprintln!("{test}: pgbench_history {history} rows, pgbench_accounts {accounts} rows");
+    assert_eq!(accounts, 1_000_000, "pgbench_accounts through the mount");
+    assert!(
+        processed.is_some_and(|n| history >= n),
+        "pgbench_history has {history} rows, pgbench processed {processed:?}"
+    );
+    pg.stop();
+
+    // Byte-identical, online (both sides UP) and offline.
+    let out = run_within(Command::new(BIN).arg("verify").arg(&m.mnt), Duration::from_secs(300));
+    assert!(
+        out.status.success(),
+        "mirrorfs verify {} ({}):\n{}\n{}",
+        m.mnt.display(),
+        out.status,
+        text(&out),
+        diagnostics(&m.mnt)
+    );
+    m.unmount();
+    let spec = format!("{}|{}", m.primary.display(), m.mirror.display());
+    let out = run_within(Command::new(BIN).args(["verify", &spec]), Duration::from_secs(300));
+    assert!(
+        out.status.success(),
+        "mirrorfs verify '{spec}' ({}):\n{}",
+        out.status,
+        text(&out)
+    );
+    m.assert_identical();
+    for side in [&m.primary, &m.mirror] {
+        assert_checksums(side);
+    }
+
+    // The mirror alone is a complete cluster with every committed row.
+    let sock2 = open_tempdir();
+    std::fs::set_permissions(sock2.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let mut alone = PgServer::start(&m.mirror, sock2.path());
+    let accounts_m = psql_value(&alone, "SELECT count(*) FROM pgbench_accounts");
+    let history_m = psql_value(&alone, "SELECT count(*) FROM pgbench_history");
+    alone.stop();
+    assert_eq!(accounts_m, 1_000_000, "pgbench_accounts on the mirror alone");
+    assert_eq!(
+        history_m, history,
+        "pgbench_history on the mirror alone vs. through the mount"
+    );
 }
