@@ -124,6 +124,20 @@ pub struct Manual {
 }
 
 type Done = Sender<Result<String, String>>;
+
+/// The first and longest wait before an automatic resync that failed is
+/// tried again (doubling in between).
+const RETRY_MIN: Duration = Duration::from_secs(5);
+const RETRY_MAX: Duration = Duration::from_secs(300);
+
+/// When automatic resyncs may be tried.
+#[derive(Default)]
+struct Retry {
+    /// The first look (at mount) has happened.
+    started: bool,
+    /// Per side: when the last automatic attempt failed, and the back-off.
+    failed: [Option<(SystemTime, Duration)>; 2],
+}
 type Requests = (Sender<(Manual, Done)>, Receiver<(Manual, Done)>);
 
 /// The resyncer of one mount.
@@ -198,7 +212,7 @@ impl Catchup {
     /// divergence, a manual request) and does it, one resync at a time.
     pub fn run(self: Arc<Self>) {
         let wanted = self.engine.resync_wanted();
-        let mut tried = [false, false];
+        let mut retry = Retry::default();
         loop {
             crossbeam_channel::select! {
                 recv(self.manual.1) -> m => {
@@ -211,13 +225,14 @@ impl Catchup {
                         return;
                     }
                     while wanted.try_recv().is_ok() {}
-                    self.automatic(&mut tried);
+                    self.automatic(&mut retry);
                 }
             }
         }
     }
 
-    fn automatic(&self, tried: &mut [bool; 2]) {
+    fn automatic(&self, retry: &mut Retry) {
+        let startup = !std::mem::replace(&mut retry.started, true);
         if self.engine.split() {
             return;
         }
@@ -231,10 +246,22 @@ impl Catchup {
             if h.down_info(side).is_some_and(|d| d.op == OP_FAIL) {
                 return;
             }
-            let answered = h.probe(side).is_some_and(|p| p.errno.is_none());
-            if self.auto && (answered || !tried[side.index()]) {
-                tried[side.index()] = true;
-                let _ = self.resync(side, false);
+            // A side left out at mount is tried at once; otherwise only once
+            // it answers a probe made after the last failed attempt, and
+            // not before the back-off has passed.
+            let i = side.index();
+            let answered = h
+                .probe(side)
+                .is_some_and(|p| p.errno.is_none() && retry.failed[i].is_none_or(|(at, _)| p.at > at));
+            let waited = retry.failed[i].is_none_or(|(at, backoff)| at.elapsed().unwrap_or_default() >= backoff);
+            if self.auto && (startup || (answered && waited)) {
+                match self.resync(side, false) {
+                    Ok(_) => retry.failed[i] = None,
+                    Err(_) => {
+                        let backoff = retry.failed[i].map_or(RETRY_MIN, |(_, b)| (b * 2).min(RETRY_MAX));
+                        retry.failed[i] = Some((SystemTime::now(), backoff));
+                    }
+                }
             }
             return;
         }

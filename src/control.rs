@@ -120,6 +120,22 @@ impl Status {
         line(w, "state", &self.state);
         let down: Vec<&SideStatus> = self.sides.iter().filter(|s| s.state != "UP").collect();
         let (status, action) = match down.first() {
+            _ if self.state == "SPLIT" => (
+                "Both sides took changes the other lacks (split brain); nothing is served and nothing is written."
+                    .to_string(),
+                Some(format!(
+                    "Look at both sides, then name the winner: mirrorfs resync --from primary|mirror {}",
+                    self.mountpoint.display()
+                )),
+            ),
+            Some(s) if s.state == "RESYNCING" => (
+                format!(
+                    "The {} is being caught up from the {}; every change goes to both.",
+                    s.side,
+                    s.side.other()
+                ),
+                None,
+            ),
             None => (
                 "Both sides are in service and every change goes to both.".to_string(),
                 None,

@@ -801,17 +801,22 @@ fn unmount_now(mnt: &Path) -> io::Result<()> {
     }
 }
 
-/// True while `pid` exists and has not exited (a zombie waiting for its
-/// parent to reap it has finished).
+/// True while any thread of `pid` has not exited: the daemon's main thread
+/// can be gone (a zombie) while others still finish a call on a side and
+/// hold its lock.
 fn process_running(pid: i32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => {
-            stat.rsplit_once(')')
-                .and_then(|(_, rest)| rest.trim_start().chars().next())
-                != Some('Z')
-        }
-        Err(_) => false,
-    }
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().any(|t| {
+        fs::read_to_string(t.path().join("stat"))
+            .ok()
+            .and_then(|stat| {
+                stat.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.trim_start().chars().next())
+            })
+            .is_some_and(|state| state != 'Z' && state != 'X')
+    })
 }
 
 /// `mirrorfs unmount`: unmounts and waits for the daemon to finish.

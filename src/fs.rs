@@ -256,8 +256,11 @@ impl MirrorFs {
     }
 
     fn writable(&self) -> io::Result<()> {
-        if self.config.read_only || self.engine.split() {
+        if self.config.read_only {
             Err(err(libc::EROFS))
+        } else if self.engine.split() {
+            // Nothing is served while split, changes included.
+            Err(err(libc::EIO))
         } else if self.engine.changes_refused() {
             Err(err(libc::EIO))
         } else {

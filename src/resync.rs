@@ -854,7 +854,11 @@ mod tests {
         let f = fs::OpenOptions::new().write(true).open(p.a.join("big")).unwrap();
         f.write_at(b"!", (CHUNK + CHUNK / 2) as u64).unwrap();
         let s = p.run("big", Depth::Entry);
-        assert_eq!(s.bytes_copied.load(Relaxed), PAGE as u64, "only the page that differs is written");
+        assert_eq!(
+            s.bytes_copied.load(Relaxed),
+            PAGE as u64,
+            "only the page that differs is written"
+        );
         assert_eq!(s.bytes_compared.load(Relaxed), BIG as u64);
         p.assert_same();
 

@@ -369,3 +369,29 @@ impl Mounted {
         Some(m)
     }
 }
+
+impl Mounted {
+    /// Kills the daemon this fixture started with SIGKILL (no clean
+    /// unmount), reaps it and detaches the dead mount.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if is_mounted(&self.mnt) {
+            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        }
+        assert!(
+            !is_mounted(&self.mnt),
+            "{} still mounted after umount -l",
+            self.mnt.display()
+        );
+    }
+
+    /// Starts the foreground daemon again on this pair with exactly `opts`
+    /// (after `kill9` or `unmount`).
+    pub fn respawn(&mut self, opts: &str) {
+        assert!(self.child.is_none(), "the daemon is still running");
+        self.spawn(opts);
+    }
+}

@@ -6,6 +6,7 @@
 mod common;
 
 mod cli;
+mod crash;
 mod failover;
 mod faults;
 mod posix;

@@ -194,17 +194,21 @@ fn mirror_comes_back_after_zram_heal_and_only_the_change_is_copied() {
     let tree = 72 * MIB as u64;
 
     z.fail();
-    let mut changed = 0u64;
+    // The fault is met by an overwrite in place (in the chunk changed again
+    // below), not a create: a create that fails on this journal-less ext4
+    // leaves a name in the directory that lookup says is absent and create
+    // says exists, a corruption only fsck repairs.
     let t0 = Instant::now();
     for i in 0.. {
         let (_, st) = status_json(&m.mnt);
         if side_of(&st, "mirror")["state"] == "DOWN" {
             break;
         }
-        assert!(t0.elapsed() < STATE_LIMIT, "mirror not DOWN after the zram failed:\n{st:#}");
-        write_synced(&m.path(&format!("trigger{i}")), &noise(16 << 10, 200 + i))
-            .expect("a write as the mirror fails");
-        changed += 16 << 10;
+        assert!(
+            t0.elapsed() < STATE_LIMIT,
+            "mirror not DOWN after the zram failed:\n{st:#}"
+        );
+        pwrite_synced(&m.path("big"), &noise(4096, 200 + i), 16 * MIB as u64);
     }
     write_synced(&m.path("f00"), &noise(MIB, 300)).unwrap();
     let mut f = OpenOptions::new().append(true).open(m.path("f01")).unwrap();
@@ -215,9 +219,13 @@ fn mirror_comes_back_after_zram_heal_and_only_the_change_is_copied() {
     write_synced(&m.path("new2"), &noise(32 << 10, 304)).unwrap();
     fs::remove_file(m.path("f02")).unwrap();
     fs::rename(m.path("f03"), m.path("f03.moved")).unwrap();
-    changed += (MIB + (256 << 10) + 4096 + (64 << 10)) as u64;
+    let changed = MIB + (256 << 10) + 2 * 4096 + (64 << 10);
     let (code, st) = status_json(&m.mnt);
-    assert_eq!((code, side_of(&st, "mirror")["state"].as_str()), (2, Some("DOWN")), "{st:#}");
+    assert_eq!(
+        (code, side_of(&st, "mirror")["state"].as_str()),
+        (2, Some("DOWN")),
+        "{st:#}"
+    );
 
     z.heal();
     let st = wait_status(&m.mnt, "mirror back after heal", STATE_LIMIT, |code, st| {
@@ -244,10 +252,14 @@ fn mirror_comes_back_after_zram_heal_and_only_the_change_is_copied() {
     m.assert_identical();
 }
 
-
 fn fail_mirror(mnt: &Path) {
     let out = run_within(Command::new(BIN).arg("fail").arg(mnt).arg("mirror"), CMD_LIMIT);
-    assert!(out.status.success(), "mirrorfs fail {} mirror:\n{}", mnt.display(), text(&out));
+    assert!(
+        out.status.success(),
+        "mirrorfs fail {} mirror:\n{}",
+        mnt.display(),
+        text(&out)
+    );
 }
 
 /// `mirrorfs resync --wait [EXTRA...] MNT`, which must succeed.
@@ -345,17 +357,26 @@ fn split_brain_is_detected_and_resolved_by_resync_from() {
     m.try_remount("")
         .unwrap_or_else(|e| panic!("both sides after a split: {e}"));
     let (code, st) = status_json(&m.mnt);
-    assert_eq!((code, st["state"].as_str()), (2, Some("SPLIT")), "{st:#}\n{}", diagnostics(&m.mnt));
+    assert_eq!(
+        (code, st["state"].as_str()),
+        (2, Some("SPLIT")),
+        "{st:#}\n{}",
+        diagnostics(&m.mnt)
+    );
     let evs = events(&m.mnt);
     assert!(
         evs.iter().any(|e| e["event"] == "split_brain"),
         "no split_brain event:\n{evs:#?}"
     );
-    assert_eq!(errno_of(fs::read(m.path("x"))), Some(libc::EIO), "read of x while split");
+    assert_eq!(
+        errno_of(fs::read(m.path("x"))),
+        Some(libc::EIO),
+        "read of x while split"
+    );
     assert_eq!(
         errno_of(File::create(m.path("new"))),
-        Some(libc::EROFS),
-        "create while split"
+        Some(libc::EIO),
+        "create while split: nothing is served"
     );
     let (code, out) = mirrorfs(&["resync", "--wait"], &m.mnt, RESYNC_LIMIT);
     assert_eq!(code, 1, "resync without --from while split:\n{out}");
@@ -394,7 +415,13 @@ fn put_record(held: &File, n: &AtomicU64) -> std::io::Result<()> {
 /// Writes through the mount until stopped: random fsync'd pwrites into the
 /// big files, a record to `held`, and small files created, renamed and
 /// deleted. Returns the errors it saw (it stops at the first).
-fn writer(mnt: PathBuf, held: Arc<File>, records: Arc<AtomicU64>, ops: Arc<AtomicU64>, stop: Arc<AtomicBool>) -> Vec<String> {
+fn writer(
+    mnt: PathBuf,
+    held: Arc<File>,
+    records: Arc<AtomicU64>,
+    ops: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+) -> Vec<String> {
     let mut x = 0x2545_f491_4f6c_dd1du64;
     let mut rand = move |n: u64| {
         x ^= x << 13;
@@ -415,7 +442,7 @@ fn writer(mnt: PathBuf, held: Arc<File>, records: Arc<AtomicU64>, ops: Arc<Atomi
             if i % 3 == 1 {
                 fs::rename(mnt.join(format!("w/c{}", i - 1)), mnt.join(format!("w/r{}", i - 1)))?;
             }
-            if i % 5 == 0 && doomed < 500 {
+            if i.is_multiple_of(5) && doomed < 500 {
                 fs::remove_file(mnt.join(format!("small/s{doomed:03}")))?;
                 doomed += 1;
             }
@@ -476,7 +503,11 @@ fn resync_under_writes_ends_with_identical_sides() {
         put_record(&held, &records).unwrap();
     }
     let (code, st) = status_json(&m.mnt);
-    assert_eq!((code, side_of(&st, "mirror")["state"].as_str()), (2, Some("DOWN")), "{st:#}");
+    assert_eq!(
+        (code, side_of(&st, "mirror")["state"].as_str()),
+        (2, Some("DOWN")),
+        "{st:#}"
+    );
 
     let (ops, stop) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
     let w = {
@@ -485,19 +516,30 @@ fn resync_under_writes_ends_with_identical_sides() {
     };
     let t0 = Instant::now();
     while ops.load(Ordering::Relaxed) < 10 {
-        assert!(t0.elapsed() < STATE_LIMIT && !w.is_finished(), "the writer makes no progress");
+        assert!(
+            t0.elapsed() < STATE_LIMIT && !w.is_finished(),
+            "the writer makes no progress"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let at_start = ops.load(Ordering::Relaxed);
     resync(&m.mnt, &[]);
     let at_end = ops.load(Ordering::Relaxed);
+    assert!(
+        at_end > at_start,
+        "no writes while the resync ran: {at_start} -> {at_end}"
+    );
     // Load after the resync, with the mirror back in service.
     std::thread::sleep(Duration::from_secs(2));
     stop.store(true, Ordering::Relaxed);
     let errors = w.join().expect("writer thread");
     let total = ops.load(Ordering::Relaxed);
     eprintln!("{test}: writer steps: {at_start} before the resync, {at_end} at its end, {total} in all");
-    assert!(errors.is_empty(), "the writer saw errors:\n{errors:#?}\n{}", diagnostics(&m.mnt));
+    assert!(
+        errors.is_empty(),
+        "the writer saw errors:\n{errors:#?}\n{}",
+        diagnostics(&m.mnt)
+    );
     assert!(total > at_end, "no writes after the resync: {at_end} -> {total}");
 
     wait_healthy(&m.mnt, STATE_LIMIT);
@@ -553,7 +595,10 @@ fn verify_repair_fixes_the_mirror_online_and_offline() {
     fs::write(m.mirror.join("strays/s"), b"stray").unwrap();
     let paths = reported(&pair);
     for p in ["/a", "/b", "/d/e", "/f", "/strays"] {
-        assert!(paths.iter().any(|q| q == p), "offline verify did not name {p}: {paths:?}");
+        assert!(
+            paths.iter().any(|q| q == p),
+            "offline verify did not name {p}: {paths:?}"
+        );
     }
     assert_verify(&pair, 0, &["--repair"]);
     assert_verify(&pair, 0, &[]);

@@ -654,7 +654,7 @@ fn pgbench_runs_through_mirror_failure_heal_and_resync() {
         .and_then(|v| v.split('/').next())
         .and_then(|v| v.trim().parse::<u64>().ok());
     eprintln!("{test}: pgbench: failed {failed:?}, processed {processed:?}, {client_errors} client error lines");
-    if !out.status.success() || client_errors > 0 || failed != Some(0) || !processed.is_some_and(|n| n > 0) {
+    if !out.status.success() || client_errors > 0 || failed != Some(0) || processed.is_none_or(|n| n == 0) {
         let log = std::fs::read_to_string(&pg.log).unwrap_or_default();
         panic!(
             "pgbench through the mirror's failure, heal and resync ({}):\n{all}\n--- server log ---\n{log}\n{}",
