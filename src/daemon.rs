@@ -604,8 +604,12 @@ fn serve(p: Prepared, ready: &mut Option<File>) -> Result<(), Failure> {
 
     let r = session.run();
     clear_intent(&engine);
-    // Closing a file on a hung side would wait for it (FLUSH); the kernel
-    // drops the locks when the process exits.
+    // Closing a file on a hung side would wait for it (FLUSH): the locks
+    // are released without closing, so a new mount can take the sides as
+    // soon as this one is gone.
+    for l in &_locks {
+        l.unlock();
+    }
     std::mem::forget(_locks);
     events.emit(Event::new(Kind::Unmounted).detail(format!("divergences={}", engine.divergences())));
     events.flush(Duration::from_secs(5));
@@ -801,22 +805,18 @@ fn unmount_now(mnt: &Path) -> io::Result<()> {
     }
 }
 
-/// True while any thread of `pid` has not exited: the daemon's main thread
-/// can be gone (a zombie) while others still finish a call on a side and
-/// hold its lock.
+/// True while `pid` exists and has not exited (a zombie waiting for its
+/// parent to reap it has finished; threads stuck on a hung side may outlive
+/// it, but the daemon released its side locks before it ended).
 fn process_running(pid: i32) -> bool {
-    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
-        return false;
-    };
-    tasks.flatten().any(|t| {
-        fs::read_to_string(t.path().join("stat"))
-            .ok()
-            .and_then(|stat| {
-                stat.rsplit_once(')')
-                    .and_then(|(_, rest)| rest.trim_start().chars().next())
-            })
-            .is_some_and(|state| state != 'Z' && state != 'X')
-    })
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.trim_start().chars().next())
+                != Some('Z')
+        }
+        Err(_) => false,
+    }
 }
 
 /// `mirrorfs unmount`: unmounts and waits for the daemon to finish.

@@ -251,6 +251,16 @@ pub struct SideLock {
     _file: File,
 }
 
+impl SideLock {
+    /// Lets another daemon take the side, without closing the file (a
+    /// close on a hung FUSE or network side would wait for it; an unlock
+    /// never does).
+    pub fn unlock(&self) {
+        // SAFETY: valid fd.
+        unsafe { libc::flock(self._file.as_raw_fd(), libc::LOCK_UN) };
+    }
+}
+
 pub fn lock_side(side: Side, root: &Path) -> Result<SideLock, String> {
     let path = meta_dir(root).join(LOCK);
     let file = OpenOptions::new()
