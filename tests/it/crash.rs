@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::common::{BIN, Mounted, noise, run_within};
+use crate::failover::events;
 use crate::workloads::text;
 
 const ROUNDS: u64 = 20;
@@ -252,16 +253,6 @@ fn fsx_bin() -> PathBuf {
 fn mirrorfs(args: &[&str], mnt: &Path) -> (i32, String, Vec<u8>) {
     let out = run_within(Command::new(BIN).args(args).arg(mnt), Duration::from_secs(120));
     (out.status.code().unwrap_or(-1), text(&out), out.stdout)
-}
-
-fn events(mnt: &Path) -> Vec<Value> {
-    let (code, all, stdout) = mirrorfs(&["events", "--json"], mnt);
-    assert_eq!(code, 0, "events --json:\n{all}");
-    String::from_utf8_lossy(&stdout)
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("event not JSON ({e}): {l}")))
-        .collect()
 }
 
 /// Polls `status --json` until HEALTHY; returns how long that took.

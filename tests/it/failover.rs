@@ -19,7 +19,7 @@ use crate::common::{
     BIN, Mounted, fuse_available, is_mounted, noise, ok, open_tempdir, run, run_within, unmount_or_detach,
 };
 use crate::faults::{ReadOnly, SmallTmpfs, Sshfs, XfsShutdown, Zram, ZramMount, assert_same, write_synced};
-use crate::workloads::{PgServer, as_postgres, chown_postgres_0700, text};
+use crate::workloads::{PgServer, as_postgres, assert_checksums, chown_postgres_0700, text};
 
 #[test]
 fn mirror_enospc_takes_the_mirror_out_and_writes_go_on() {
@@ -92,7 +92,7 @@ fn mirror_enospc_takes_the_mirror_out_and_writes_go_on() {
 
 // ---------------------------------------------------------------- status, events, fail
 
-const CMD_LIMIT: Duration = Duration::from_secs(10);
+pub(crate) const CMD_LIMIT: Duration = Duration::from_secs(10);
 
 /// `mirrorfs status MOUNTPOINT`: exit code and text.
 fn status(mnt: &Path) -> (i32, String) {
@@ -101,7 +101,7 @@ fn status(mnt: &Path) -> (i32, String) {
 }
 
 /// `mirrorfs status --json MOUNTPOINT`: exit code and the object.
-fn status_json(mnt: &Path) -> (i32, Value) {
+pub(crate) fn status_json(mnt: &Path) -> (i32, Value) {
     let out = run_within(Command::new(BIN).args(["status", "--json"]).arg(mnt), CMD_LIMIT);
     let v = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("status --json {}: not JSON ({e}):\n{}", mnt.display(), text(&out)));
@@ -109,7 +109,7 @@ fn status_json(mnt: &Path) -> (i32, Value) {
 }
 
 /// The entry for `side` ("primary" or "mirror") in a status object.
-fn side_of<'a>(st: &'a Value, side: &str) -> &'a Value {
+pub(crate) fn side_of<'a>(st: &'a Value, side: &str) -> &'a Value {
     st["sides"]
         .as_array()
         .and_then(|a| a.iter().find(|s| s["side"] == side))
@@ -117,7 +117,7 @@ fn side_of<'a>(st: &'a Value, side: &str) -> &'a Value {
 }
 
 /// `mirrorfs events --json MOUNTPOINT`: one object per line.
-fn events(mnt: &Path) -> Vec<Value> {
+pub(crate) fn events(mnt: &Path) -> Vec<Value> {
     let out = run_within(Command::new(BIN).args(["events", "--json"]).arg(mnt), CMD_LIMIT);
     assert!(out.status.success(), "events --json {}:\n{}", mnt.display(), text(&out));
     String::from_utf8_lossy(&out.stdout)
@@ -1070,14 +1070,7 @@ fn pgbench_through_failure(test: &str, failing: &str) {
     pg.stop();
     m.unmount();
     let survivor = if failing == "primary" { &m.mirror } else { &m.primary };
-    let out = run(as_postgres("pg_checksums").arg("--check").arg("-D").arg(survivor));
-    let all = text(&out);
-    assert!(
-        out.status.success() && all.contains("Bad checksums:  0"),
-        "pg_checksums --check -D {} ({}):\n{all}",
-        survivor.display(),
-        out.status
-    );
+    assert_checksums(survivor);
 }
 
 #[test]

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::common::{BIN, Mounted, fuse_available, noise, run_within};
+use crate::failover::{events, side_of, status_json};
 use crate::faults::{Zram, ZramMount, assert_same, write_synced};
 use crate::workloads::text;
 
@@ -32,29 +33,6 @@ const STATE_LIMIT: Duration = Duration::from_secs(120);
 fn mirrorfs(args: &[&str], target: impl AsRef<std::ffi::OsStr>, limit: Duration) -> (i32, String) {
     let out = run_within(Command::new(BIN).args(args).arg(target), limit);
     (out.status.code().unwrap_or(-1), text(&out))
-}
-
-fn status_json(mnt: &Path) -> (i32, Value) {
-    let out = run_within(Command::new(BIN).args(["status", "--json"]).arg(mnt), CMD_LIMIT);
-    let v = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("status --json {}: not JSON ({e}):\n{}", mnt.display(), text(&out)));
-    (out.status.code().unwrap_or(-1), v)
-}
-
-fn side_of<'a>(st: &'a Value, side: &str) -> &'a Value {
-    st["sides"]
-        .as_array()
-        .and_then(|a| a.iter().find(|s| s["side"] == side))
-        .unwrap_or_else(|| panic!("no {side} in status:\n{st:#}"))
-}
-
-fn events(mnt: &Path) -> Vec<Value> {
-    let (code, out) = mirrorfs(&["events", "--json"], mnt, CMD_LIMIT);
-    assert_eq!(code, 0, "events --json {}:\n{out}", mnt.display());
-    out.lines()
-        .filter(|l| l.trim_start().starts_with('{'))
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("event line not JSON ({e}): {l}")))
-        .collect()
 }
 
 fn has_event(evs: &[Value], name: &str, side: &str) -> bool {

@@ -539,7 +539,7 @@ fn psql_value(pg: &PgServer, sql: &str) -> u64 {
 }
 
 /// pg_checksums --check on a stopped cluster directory.
-fn assert_checksums(data: &Path) {
+pub(crate) fn assert_checksums(data: &Path) {
     let out = run(as_postgres("pg_checksums").arg("--check").arg("-D").arg(data));
     let all = text(&out);
     assert!(
