@@ -615,14 +615,7 @@ pub fn events(mountpoint: &Path, json: bool, follow: bool) -> Result<u8, Failure
 /// `mirrorfs fail MOUNTPOINT SIDE`.
 pub fn fail(mountpoint: &Path, side: Side) -> Result<u8, Failure> {
     let mnt = mountpoint_of(mountpoint);
-    let mut r = connect(&mnt, &Request::Fail { side }, Some(CLIENT_TIMEOUT)).map_err(|f| match f {
-        Failure::Unknown(m) => Failure::Runtime(m),
-        f => f,
-    })?;
-    let reply: Reply = read_one(&mut r, &mnt)?;
-    if !reply.ok {
-        return Err(Failure::Runtime("the daemon refused".into()));
-    }
+    ask(&mnt, &Request::Fail { side }, Some(CLIENT_TIMEOUT))?;
     println!("the {side} of {} is now out of service", mnt.display());
     Ok(0)
 }
@@ -630,12 +623,22 @@ pub fn fail(mountpoint: &Path, side: Side) -> Result<u8, Failure> {
 /// Sends a resync request; an error reply is a `Failure`.
 pub fn request_resync(mountpoint: &Path, manual: Manual, wait: bool) -> Result<Reply, Failure> {
     let mnt = mountpoint_of(mountpoint);
-    let req = Request::Resync { manual, wait };
-    let mut r = connect(&mnt, &req, (!wait).then_some(CLIENT_TIMEOUT)).map_err(|f| match f {
+    ask(
+        &mnt,
+        &Request::Resync { manual, wait },
+        (!wait).then_some(CLIENT_TIMEOUT),
+    )
+}
+
+/// Sends a request that changes the mount and reads its reply. A missing
+/// daemon is a runtime failure here (not "unknown", which is for status),
+/// and so is a refusal.
+fn ask(mnt: &Path, req: &Request, timeout: Option<Duration>) -> Result<Reply, Failure> {
+    let mut r = connect(mnt, req, timeout).map_err(|f| match f {
         Failure::Unknown(m) => Failure::Runtime(m),
         f => f,
     })?;
-    let reply: Reply = read_one(&mut r, &mnt)?;
+    let reply: Reply = read_one(&mut r, mnt)?;
     if !reply.ok {
         return Err(Failure::Runtime("the daemon refused".into()));
     }

@@ -19,7 +19,7 @@ use crate::common::{
     BIN, Mounted, fuse_available, is_mounted, noise, ok, open_tempdir, run, run_within, unmount_or_detach,
 };
 use crate::faults::{ReadOnly, SmallTmpfs, Sshfs, XfsShutdown, Zram, ZramMount, assert_same, write_synced};
-use crate::workloads::{PgServer, as_postgres, assert_checksums, chown_postgres_0700, text};
+use crate::workloads::{PgServer, PgbenchOutcome, as_postgres, assert_checksums, chown_postgres_0700, text};
 
 #[test]
 fn mirror_enospc_takes_the_mirror_out_and_writes_go_on() {
@@ -1040,19 +1040,11 @@ fn pgbench_through_failure(test: &str, failing: &str) {
     let took = wait_down(&m.mnt, failing, Duration::from_secs(30));
     let out = runner.join().expect("pgbench thread");
     let all = text(&out);
-    let client_errors = all
-        .lines()
-        .filter(|l| l.contains("aborted") || l.contains("ERROR") || l.contains("FATAL") || l.contains("PANIC"))
-        .count();
-    let failed = all
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("number of failed transactions:"))
-        .and_then(|v| v.split_whitespace().next())
-        .map(|v| v.parse::<u64>().expect("failed count"));
-    let processed = all
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("number of transactions actually processed:"))
-        .map(|v| v.trim().to_string());
+    let PgbenchOutcome {
+        client_errors,
+        failed,
+        processed,
+    } = PgbenchOutcome::of(&all);
     eprintln!(
         "pgbench with the {failing} failing: status showed it DOWN {:.3} s after the fault; \
          {client_errors} client error lines, failed transactions {failed:?}, processed {processed:?}",

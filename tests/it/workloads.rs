@@ -322,19 +322,12 @@ fn pgbench_on(data: &Path, label: &str) -> f64 {
     pg.pgbench(&["-i", "-s", "10"]);
     let t_init = t1.elapsed().as_secs_f64();
     let out = pg.pgbench(&["-c", "4", "-j", "2", "-T", "30"]);
-    if let Some(l) = out.lines().find(|l| l.contains("number of failed transactions")) {
-        let n = l
-            .split(':')
-            .nth(1)
-            .and_then(|v| v.split_whitespace().next())
-            .map(|v| v.parse::<u64>().expect("failed count"));
-        assert_eq!(n, Some(0), "{label}: pgbench reported failed transactions:\n{out}");
+    let outcome = PgbenchOutcome::of(&out);
+    if let Some(n) = outcome.failed {
+        assert_eq!(n, 0, "{label}: pgbench reported failed transactions:\n{out}");
     }
-    let processed = out
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("number of transactions actually processed:"))
-        .and_then(|v| v.split('/').next())
-        .map(|v| v.trim().parse::<u64>().expect("processed count"))
+    let processed = outcome
+        .processed
         .unwrap_or_else(|| panic!("{label}: no processed count:\n{out}"));
     assert!(processed > 0, "{label}: no transaction processed:\n{out}");
     let tps = out
@@ -538,6 +531,35 @@ fn psql_value(pg: &PgServer, sql: &str) -> u64 {
     s.trim().parse().unwrap_or_else(|e| panic!("psql {sql:?}: {e}: {s:?}"))
 }
 
+/// What a pgbench run's output says about its clients.
+pub(crate) struct PgbenchOutcome {
+    /// Lines reporting an aborted client or a server error.
+    pub client_errors: usize,
+    /// "number of failed transactions", if reported.
+    pub failed: Option<u64>,
+    /// "number of transactions actually processed", if reported.
+    pub processed: Option<u64>,
+}
+
+impl PgbenchOutcome {
+    pub fn of(all: &str) -> PgbenchOutcome {
+        let field = |name: &str| {
+            all.lines()
+                .find_map(|l| l.trim().strip_prefix(name))
+                .and_then(|v| v.split(['/', ' ']).find(|w| !w.is_empty()))
+                .map(|v| v.parse::<u64>().unwrap_or_else(|e| panic!("{name} {v}: {e}")))
+        };
+        PgbenchOutcome {
+            client_errors: all
+                .lines()
+                .filter(|l| l.contains("aborted") || l.contains("ERROR") || l.contains("FATAL") || l.contains("PANIC"))
+                .count(),
+            failed: field("number of failed transactions:"),
+            processed: field("number of transactions actually processed:"),
+        }
+    }
+}
+
 /// pg_checksums --check on a stopped cluster directory.
 pub(crate) fn assert_checksums(data: &Path) {
     let out = run(as_postgres("pg_checksums").arg("--check").arg("-D").arg(data));
@@ -639,20 +661,11 @@ fn pgbench_runs_through_mirror_failure_heal_and_resync() {
 
     let out = runner.join().expect("pgbench thread");
     let all = text(&out);
-    let client_errors = all
-        .lines()
-        .filter(|l| l.contains("aborted") || l.contains("ERROR") || l.contains("FATAL") || l.contains("PANIC"))
-        .count();
-    let failed = all
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("number of failed transactions:"))
-        .and_then(|v| v.split_whitespace().next())
-        .map(|v| v.parse::<u64>().expect("failed count"));
-    let processed = all
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("number of transactions actually processed:"))
-        .and_then(|v| v.split('/').next())
-        .and_then(|v| v.trim().parse::<u64>().ok());
+    let PgbenchOutcome {
+        client_errors,
+        failed,
+        processed,
+    } = PgbenchOutcome::of(&all);
     eprintln!("{test}: pgbench: failed {failed:?}, processed {processed:?}, {client_errors} client error lines");
     if !out.status.success() || client_errors > 0 || failed != Some(0) || processed.is_none_or(|n| n == 0) {
         let log = std::fs::read_to_string(&pg.log).unwrap_or_default();
