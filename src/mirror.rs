@@ -153,6 +153,9 @@ pub fn resolve(p: SideResult, m: SideResult, policy: Policy) -> Decision {
     }
 }
 
+/// The operation named when writing the write-intent record fails.
+const OP_INTENT: &str = "intent";
+
 /// The errno of a call on a side through an open handle that has no fd
 /// there (the side was out of service when the file was opened, and the
 /// file has not been re-attached yet): the side missed the change.
@@ -760,9 +763,16 @@ impl Engine {
         {
             let paths = self.paths_of(subject);
             let refs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
+            // The record is on the primary: failing to write it is the
+            // primary failing, under the same rules as any operation on it
+            // (the last side up is never taken down: its error is the caller's).
             if let Err(e) = intent.record(&refs) {
+                let errno = raw(&e);
                 log::error!("side=primary cannot write the write-intent record: {e}");
-                return refused;
+                self.health.count_error(Side::Primary, OP_INTENT);
+                if !is_side_failure(errno) || !self.side_failed(Side::Primary, OP_INTENT, Some(errno), subject) {
+                    return refused;
+                }
             }
         }
         let (tx, rx) = handoff::channel();
