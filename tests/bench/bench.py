@@ -385,6 +385,48 @@ def proc_status_kib(pid: int) -> dict[str, int]:
     return out
 
 
+def system_switches() -> int:
+    """Context switches since boot, every CPU (what `perf stat -a -e
+    context-switches` counts)."""
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("ctxt "):
+                return int(line.split()[1])
+    raise BenchError("/proc/stat has no ctxt line")
+
+
+def cpu_ns(pid: int) -> int:
+    """CPU time of every live thread of `pid`, in ns (schedstat's first field)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            pass  # a thread that ended meanwhile
+    return total
+
+
+class CostProbe:
+    """Counts what a stretch of work costs per operation: context switches on
+    the whole machine (the application, the daemon, the kernel's workers)
+    and the FUSE daemon's CPU time. Both move far less with machine noise
+    than throughput does."""
+
+    def __init__(self, t: "Target"):
+        self.pid = t.daemon.pid if t.daemon else None
+        self.switches = system_switches()
+        self.cpu = cpu_ns(self.pid) if self.pid else 0
+
+    def per_op(self, name: str, ops: float) -> dict:
+        if ops <= 0:
+            raise BenchError(f"cost probe {name}: no operations counted")
+        out = {f"cs_{name}": (system_switches() - self.switches) / ops}
+        if self.pid:
+            out[f"cpu_{name}"] = (cpu_ns(self.pid) - self.cpu) / ops / 1000
+        return out
+
+
 # ------------------------------------------------------------------ targets
 
 
@@ -517,11 +559,15 @@ class Bench:
 
     def wl_randwrite(self, t: Target) -> dict:
         files = self.fio_prep(t, "randwrite.dat", self.cfg["rw_size"])
+        probe = CostProbe(t)
         jobs = self.fio(
             [dict(filename=f) for f in files],
             dict(rw="randwrite", bs="4k", size=self.cfg["rw_size"], fsync=1, time_based=1, runtime=self.cfg["rw_time"]),
         )
-        return {"randwrite": min(j["write"]["iops"] for j in jobs)}
+        # One operation is one write and its fsync, on every root: for
+        # dual-native, a pair of them (what one mirrored write costs natively).
+        cost = probe.per_op("randwrite", sum(j["write"]["total_ios"] for j in jobs) / len(t.roots))
+        return {"randwrite": min(j["write"]["iops"] for j in jobs), **cost}
 
     def wl_seqread(self, t: Target) -> dict:
         files = self.fio_prep(t, "seqread.dat", self.cfg["seq_size"])
@@ -554,9 +600,10 @@ class Bench:
 
     # ---- metadata (the C helper meta.c)
 
-    def meta_phases(self, t: Target, n: int, phases: list[str], after=None) -> dict[str, float]:
+    def meta_phases(self, t: Target, n: int, phases: list[str], before=None, after=None) -> dict[str, float]:
         """Runs the helper in each root, phase by phase in lockstep; returns the
-        slowest root's seconds per phase. `after(phase)` runs after each phase."""
+        slowest root's seconds per phase. `before(phase)` and `after(phase)`
+        run around each phase."""
         procs = []
         try:
             for r in t.roots:
@@ -571,6 +618,8 @@ class Bench:
                 expect_line(p, "ready", 300)
             secs = {}
             for ph in phases:
+                if before:
+                    before(ph)
                 for p in procs:
                     p.stdin.write(f"{ph}\n".encode())
                     p.stdin.flush()
@@ -597,7 +646,18 @@ class Bench:
         if t.daemon:
             res["rss_idle"] = proc_status_kib(t.daemon.pid)["VmHWM"] / 1024
         phases = ["create", "stat", "rename", "unlink"]
-        secs = self.meta_phases(t, n, phases)
+        probes: dict[str, CostProbe] = {}
+        costs: dict[str, float] = {}
+
+        def before(ph: str) -> None:
+            probes[ph] = CostProbe(t)
+
+        def after(ph: str) -> None:
+            if ph in ("create", "stat"):
+                costs.update(probes[ph].per_op(ph, n))
+
+        secs = self.meta_phases(t, n, phases, before, after)
+        res.update(costs)
         for ph in phases:
             res[f"meta_{ph}"] = n / secs[ph]
         res["meta_total"] = len(phases) * n / sum(secs.values())
@@ -790,6 +850,17 @@ def memory_metrics(cfg: dict) -> list[Metric]:
     ]
 
 
+def cost_metrics() -> list[Metric]:
+    return [
+        Metric("cs_randwrite", "switches per fsync'd 4k write", "", "randwrite", False),
+        Metric("cpu_randwrite", "daemon CPU per fsync'd 4k write", "us", "randwrite", False),
+        Metric("cs_create", "switches per create", "", "metadata", False),
+        Metric("cpu_create", "daemon CPU per create", "us", "metadata", False),
+        Metric("cs_stat", "switches per stat", "", "metadata", False),
+        Metric("cpu_stat", "daemon CPU per stat", "us", "metadata", False),
+    ]
+
+
 def applies(workload: str, target: str) -> bool:
     if workload == "memory":
         return target in FUSE_TARGETS
@@ -853,7 +924,9 @@ def cell_text(r: dict | None, show_spread: bool) -> str:
     return s
 
 
-def render(summary: dict, mets: list[Metric], mem: list[Metric], targets: list[str], reps: int) -> str:
+def render(
+    summary: dict, mets: list[Metric], mem: list[Metric], cost: list[Metric], targets: list[str], reps: int
+) -> str:
     out = []
     used = [m for m in mets if summary.get(m.key)]
     if used:
@@ -890,6 +963,15 @@ def render(summary: dict, mets: list[Metric], mem: list[Metric], targets: list[s
         out.append("\nFUSE daemon memory (MiB, from /proc/PID/status; lower is better):")
         rows = [[m.label] + [cell_text(summary[m.key].get(t), False) for t in fuse] for m in mused]
         out.append(table(["daemon"] + fuse, rows))
+    cused = [m for m in cost if summary.get(m.key)]
+    probed = [t for t in targets if t in FUSE_TARGETS or t in ("native", "dual-native")]
+    if cused and probed:
+        out.append(
+            "\nCost per operation, median (context switches on every CPU; FUSE daemon CPU time, all threads;"
+            " dual-native: the operation on both directories; lower is better):"
+        )
+        rows = [[m.label, m.unit] + [cell_text(summary[m.key].get(t), False) for t in probed] for m in cused]
+        out.append(table(["cost", "unit"] + probed, rows))
     return "\n".join(out)
 
 
@@ -1173,8 +1255,8 @@ def run_all(args, cfg, targets, workloads, workdir, mirrorfs_bin, json_path, sta
         meta_bin = workdir / "meta"
         run(["cc", "-O2", "-Wall", "-o", str(meta_bin), str(HERE / "meta.c")])
     bench = Bench(args, cfg, workdir, mirrorfs_bin, meta_bin)
-    mets, mems = metrics(cfg), memory_metrics(cfg)
-    units = {m.key: m.unit for m in mets + mems}
+    mets, mems, costs = metrics(cfg), memory_metrics(cfg), cost_metrics()
+    units = {m.key: m.unit for m in mets + mems + costs}
     samples: dict[str, dict[str, list[float]]] = {t: {} for t in targets}
     errors: list[dict] = []
     cells = workdir / "cells"
@@ -1227,8 +1309,8 @@ def run_all(args, cfg, targets, workloads, workdir, mirrorfs_bin, json_path, sta
                 shown = ", ".join(f"{key} {fmt(v)} {units[key]}" for key, v in res.items())
                 log(f"rep {rep + 1}/{cfg['reps']} {wl:<14} {tname:<12} {shown} ({secs:.1f} s)")
 
-    summary = summarize(samples, errors, mets + mems, targets)
-    text = render(summary, mets, mems, targets, cfg["reps"])
+    summary = summarize(samples, errors, mets + mems + costs, targets)
+    text = render(summary, mets, mems, costs, targets, cfg["reps"])
     duration = time.monotonic() - T0
     print(text)
     print(f"\nTotal time {duration / 60:.1f} min.")
@@ -1257,7 +1339,9 @@ def run_all(args, cfg, targets, workloads, workdir, mirrorfs_bin, json_path, sta
         machine=mach,
         versions=vers,
         config=dict(cfg, targets=targets, workloads=workloads, mergerfs_opts=args.mergerfs_opts, order=order_log),
-        metrics=[dict(key=m.key, label=m.label, unit=m.unit, workload=m.workload, write=m.write) for m in mets + mems],
+        metrics=[
+            dict(key=m.key, label=m.label, unit=m.unit, workload=m.workload, write=m.write) for m in mets + mems + costs
+        ],
         results=summary,
         ratios=ratios,
         errors=errors,
