@@ -21,11 +21,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::catchup::{Catchup, Manual, ResyncResult, ResyncStatus};
-use crate::daemon::{Failure, mirrorfs_mounts, runtime_file};
+use crate::engine::Engine;
 use crate::events::{Event, read_log, utc};
 use crate::health::{Counters, SideState, errno_name};
-use crate::mirror::Engine;
+use crate::recovery::catchup::{Catchup, Manual, ResyncResult, ResyncStatus};
+use crate::runtime::{Failure, mirrorfs_mounts, runtime_file};
 use crate::spec::{MountSpec, Side};
 
 /// How long a client waits for a daemon's answer.
@@ -35,7 +35,7 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const EXIT_HEALTHY: u8 = 0;
 pub const EXIT_WARNING: u8 = 1;
 pub const EXIT_CRITICAL: u8 = 2;
-pub const EXIT_UNKNOWN: u8 = 3;
+pub use crate::runtime::EXIT_UNKNOWN;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]

@@ -19,14 +19,15 @@ use std::time::{Duration, Instant, SystemTime};
 
 use nix::sys::signal::{SigSet, Signal};
 
-use crate::catchup::Catchup;
 use crate::control::{self, Control};
+use crate::engine::{Engine, EngineConfig, Policy};
 use crate::events::{Event, Events, Kind};
 use crate::fs::{FsConfig, MirrorFs};
 use crate::health::{Health, Probe, SideState, errno_label, errno_name};
 use crate::journal::Intent;
 use crate::meta;
-use crate::mirror::{Engine, EngineConfig, Policy};
+use crate::recovery::catchup::Catchup;
+use crate::runtime::{Failure, RUN_DIR, mirrorfs_mounts, runtime_file};
 use crate::spec::{MountSpec, Options, Side};
 use crate::volume::Volume;
 
@@ -34,88 +35,6 @@ use crate::volume::Volume;
 pub const FUSE_THREADS: usize = 8;
 /// Worker threads of each side's lane.
 pub const SIDE_THREADS: usize = 8;
-
-pub const RUN_DIR: &str = "/run/mirrorfs";
-
-/// Why a command failed, with the exit code it maps to.
-#[derive(Debug)]
-pub enum Failure {
-    /// The command line is wrong: exit 2.
-    Usage(String),
-    /// The command could not be carried out: exit 1.
-    Runtime(String),
-    /// Not a mirrorfs mount, or no daemon answering: exit 3 (status).
-    Unknown(String),
-}
-
-impl Failure {
-    pub fn message(&self) -> &str {
-        match self {
-            Failure::Usage(m) | Failure::Runtime(m) | Failure::Unknown(m) => m,
-        }
-    }
-
-    pub fn exit_code(&self) -> u8 {
-        match self {
-            Failure::Usage(_) => 2,
-            Failure::Runtime(_) => 1,
-            Failure::Unknown(_) => control::EXIT_UNKNOWN,
-        }
-    }
-}
-
-/// A runtime file for the mount at `mountpoint` (pid file, log).
-pub fn runtime_file(mountpoint: &Path, ext: &str) -> PathBuf {
-    let h = xxhash_rust::xxh3::xxh3_64(mountpoint.as_os_str().as_bytes());
-    Path::new(RUN_DIR).join(format!("{h:016x}.{ext}"))
-}
-
-/// One line of /proc/self/mountinfo that is a mirrorfs mount.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MountEntry {
-    pub mountpoint: PathBuf,
-    pub source: String,
-}
-
-fn unescape_mountinfo(s: &str) -> String {
-    // mountinfo escapes space, tab, newline and backslash as \ooo.
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
-            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Every mirrorfs mount on the machine.
-pub fn mirrorfs_mounts() -> Vec<MountEntry> {
-    let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    parse_mountinfo(&text)
-}
-
-pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
-    text.lines()
-        .filter_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            let mountpoint = left.split(' ').nth(4)?;
-            let mut r = right.split(' ');
-            let fstype = r.next()?;
-            let source = r.next()?;
-            (fstype == "fuse.mirrorfs").then(|| MountEntry {
-                mountpoint: PathBuf::from(unescape_mountinfo(mountpoint)),
-                source: unescape_mountinfo(source),
-            })
-        })
-        .collect()
-}
 
 /// Why a side is out of service from the start of a mount.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -578,10 +497,9 @@ fn serve(p: Prepared, ready: &mut Option<File>) -> Result<(), Failure> {
         timeout: opts.side_timeout,
     };
     let interval = opts.probe_interval;
-    let wake = watch_roots(&spec);
     std::thread::Builder::new()
         .name("prober".into())
-        .spawn(move || prober.run(interval, wake))
+        .spawn(move || prober.run(interval))
         .map_err(|e| rt("prober thread", &e))?;
     if !opts.read_only {
         std::thread::Builder::new()
@@ -694,12 +612,15 @@ fn clear_intent(engine: &Engine) {
     }
 }
 
-/// Watches the directories that hold each side's root, so that a side
-/// whose volume is mounted again is probed at once rather than at the next
-/// `probe_interval`. Without the watch, probing goes on by the clock.
-fn watch_roots(spec: &MountSpec) -> (Option<notify::RecommendedWatcher>, crossbeam_channel::Receiver<()>) {
+/// Watches each side's root and the directory that holds it, so that a
+/// side whose volume is mounted again is probed at once rather than at the
+/// next `probe_interval`. Without the watch, probing goes on by the clock.
+///
+/// Only while a side is down: a watch on a root sees every change to the
+/// entries in it, and would wake two threads for each write to a file at
+/// the top of the mount.
+fn watch_roots(spec: &MountSpec, tx: crossbeam_channel::Sender<()>) -> Option<notify::RecommendedWatcher> {
     use notify::Watcher;
-    let (tx, rx) = crossbeam_channel::unbounded();
     let watcher = notify::recommended_watcher(move |_: notify::Result<notify::Event>| {
         let _ = tx.send(());
     });
@@ -707,7 +628,7 @@ fn watch_roots(spec: &MountSpec) -> (Option<notify::RecommendedWatcher>, crossbe
         Ok(w) => w,
         Err(e) => {
             log::info!("no watch on the sides' parents ({e}): probing by the clock alone");
-            return (None, rx);
+            return None;
         }
     };
     for side in Side::BOTH {
@@ -718,7 +639,7 @@ fn watch_roots(spec: &MountSpec) -> (Option<notify::RecommendedWatcher>, crossbe
             }
         }
     }
-    (Some(watcher), rx)
+    Some(watcher)
 }
 
 /// Probes every side that is down, every `probe_interval`, to see whether
@@ -732,10 +653,19 @@ struct Prober {
 }
 
 impl Prober {
-    fn run(self, interval: Duration, wake: (Option<notify::RecommendedWatcher>, crossbeam_channel::Receiver<()>)) {
-        let (_watcher, wake) = wake;
+    fn run(self, interval: Duration) {
+        let (tx, wake) = crossbeam_channel::unbounded();
+        let mut watcher = None;
         let busy = [Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false))];
         loop {
+            let any_down = Side::BOTH
+                .iter()
+                .any(|s| self.engine.health.state(*s) == SideState::Down);
+            match (any_down, watcher.is_some()) {
+                (true, false) => watcher = watch_roots(&self.spec, tx.clone()),
+                (false, true) => watcher = None,
+                _ => {}
+            }
             if wake.recv_timeout(interval).is_ok() {
                 // A burst of changes around a root is one reason to look.
                 std::thread::sleep(Duration::from_millis(200));
@@ -843,32 +773,4 @@ pub fn unmount(mountpoint: &Path) -> Result<(), Failure> {
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn finds_mirrorfs_mounts_in_mountinfo() {
-        let text = "36 35 98:0 / /mnt/a\\040b rw,relatime shared:1 - fuse.mirrorfs /p|/m rw,user_id=0\n\
-                    37 35 98:0 / /other rw - ext4 /dev/sda1 rw\n";
-        let m = parse_mountinfo(text);
-        assert_eq!(
-            m,
-            vec![MountEntry {
-                mountpoint: PathBuf::from("/mnt/a b"),
-                source: "/p|/m".into()
-            }]
-        );
-    }
-
-    #[test]
-    fn runtime_files_differ_per_mountpoint() {
-        assert_ne!(
-            runtime_file(Path::new("/a"), "pid"),
-            runtime_file(Path::new("/b"), "pid")
-        );
-        assert!(runtime_file(Path::new("/a"), "pid").starts_with(RUN_DIR));
-    }
 }

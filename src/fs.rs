@@ -11,7 +11,7 @@ use std::io;
 use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
@@ -21,11 +21,10 @@ use fuser::{
     ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
-use crate::bufpool::PooledBuf;
-use crate::gate::Pass;
-use crate::health::is_side_failure;
-use crate::mirror::{Effect, Engine, Subject};
-use crate::nodes::{Handles, Key, Nodes, OpenDir, OpenFile, ROOT};
+use crate::engine::bufpool::PooledBuf;
+use crate::engine::gate::Pass;
+use crate::engine::{Effect, Engine, Subject};
+use crate::nodes::{Handles, Key, Nodes, OpenDir, OpenFile, OpenFiles, ROOT};
 use crate::spec::Side;
 use crate::volume::{self, META_DIR, Owner, SetTime, Stat, Volume};
 
@@ -151,65 +150,52 @@ enum Target {
     Path(PathBuf),
 }
 
-/// The open files, as the resyncer sees them: it detaches them from a side
-/// about to be caught up, and re-attaches them to it once it is.
-#[derive(Clone)]
-pub struct OpenFiles {
-    files: Arc<Handles<OpenFile>>,
-    nodes: Arc<Nodes>,
+/// Writes `data` at `offset` through `file`'s fd on `side`, then clears the
+/// set-ID bits if asked.
+fn write_on(file: &OpenFile, side: Side, data: &[u8], offset: u64, kill_setid: bool) -> io::Result<usize> {
+    let fd = file.fd(side)?;
+    let n = volume::pwrite_all(fd.as_fd(), data, offset)?;
+    if kill_setid {
+        volume::kill_setid(fd.as_fd())?;
+    }
+    Ok(n)
 }
 
-impl OpenFiles {
-    /// Drops every open file's fd on `side`: fds from before an outage may
-    /// name files the resync replaces.
-    pub fn detach(&self, side: Side, engine: &Engine) {
-        for f in self.files.all() {
-            if let Some(fd) = f.take_fd(side) {
-                engine.retire(fd);
-            }
+/// CAP_FSETID's bit in a capability set.
+const CAP_FSETID: u32 = 4;
+
+/// Who made a request, as far as clearing set-ID bits needs: whether the
+/// caller lacks CAP_FSETID is looked up (in `/proc`) only when a file's
+/// set-ID bits make it matter, and at most once per request.
+struct Caller {
+    pid: u32,
+    uid: u32,
+    lacks: OnceLock<bool>,
+}
+
+impl Caller {
+    fn of(req: &Request) -> Caller {
+        Caller {
+            pid: req.pid(),
+            uid: req.uid(),
+            lacks: OnceLock::new(),
         }
     }
 
-    /// Opens, on `side`, every open file that has no fd there yet, by its
-    /// path. Must run with changes held off. Returns the paths that could
-    /// not be opened there (they are caught up again); a side failure is
-    /// an error. An open file that has been unlinked has no path and stays
-    /// on the other side alone.
-    pub fn reattach(&self, side: Side, engine: &Engine) -> io::Result<Vec<PathBuf>> {
-        let mut missing = Vec::new();
-        for f in self.files.all() {
-            if f.has_fd(side) {
-                continue;
+    fn lacks_fsetid(&self) -> bool {
+        *self.lacks.get_or_init(|| {
+            // The pid FUSE gives is the calling thread's; /proc has it too.
+            let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap_or_default();
+            let eff = status
+                .lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|h| u64::from_str_radix(h.trim(), 16).ok());
+            match eff {
+                Some(caps) => caps & (1 << CAP_FSETID) == 0,
+                // The caller is gone: judge by its uid, as most systems run.
+                None => self.uid != 0,
             }
-            let Ok(path) = self.nodes.path(f.ino) else { continue };
-            let (p, flags) = (path.clone(), f.flags);
-            match engine.on_side(side, "open", move |v| v.open_file(&p, flags)) {
-                Ok(fd) => {
-                    if let Some(old) = f.attach(side, fd) {
-                        engine.retire(old);
-                    }
-                }
-                Err(e) if is_side_failure(e.raw_os_error().unwrap_or(libc::EIO)) => return Err(e),
-                Err(_) => missing.push(path),
-            }
-        }
-        Ok(missing)
-    }
-
-    /// `reattach` for the open files named `rel`: called by the copier as
-    /// soon as `rel` exists on `side`, with changes held off.
-    pub fn reattach_path(&self, side: Side, engine: &Engine, rel: &Path) -> io::Result<()> {
-        for f in self.files.all() {
-            if f.has_fd(side) || self.nodes.path(f.ino).ok().as_deref() != Some(rel) {
-                continue;
-            }
-            let (p, flags) = (rel.to_path_buf(), f.flags);
-            let fd = engine.on_side(side, "open", move |v| v.open_file(&p, flags))?;
-            if let Some(old) = f.attach(side, fd) {
-                engine.retire(old);
-            }
-        }
-        Ok(())
+        })
     }
 }
 
@@ -245,10 +231,7 @@ impl MirrorFs {
 
     /// The open files, for the resyncer.
     pub fn open_files(&self) -> OpenFiles {
-        OpenFiles {
-            files: self.files.clone(),
-            nodes: self.nodes.clone(),
-        }
+        OpenFiles::new(self.files.clone(), self.nodes.clone())
     }
 
     fn hidden(parent: u64, name: &OsStr) -> bool {
@@ -328,6 +311,7 @@ impl MirrorFs {
     #[allow(clippy::too_many_arguments)]
     fn do_setattr(
         &self,
+        caller: Caller,
         ino: u64,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -347,6 +331,10 @@ impl MirrorFs {
             Target::File(_) => None,
         };
         let subject = path.as_deref().map_or(Subject::Inode(ino), Subject::Path);
+        // A truncate by a caller without CAP_FSETID clears the set-ID bits
+        // (KILLPRIV_V2 leaves it to us); an explicit mode wins.
+        let truncates = size.is_some() && mode.is_none();
+        let caller = Arc::new(caller);
         let st = self.engine.apply("setattr", subject, move |side, v| {
             // Owner first: chown clears set-ID bits, and an explicit mode in
             // the same request must win. Times last, after the size change
@@ -367,7 +355,11 @@ impl MirrorFs {
                     if at != SetTime::Omit || mt != SetTime::Omit {
                         volume::futimens(fd, at, mt)?;
                     }
-                    volume::fstat(fd)
+                    let st = volume::fstat(fd)?;
+                    if truncates && volume::without_setid(st.st_mode).is_some() && caller.lacks_fsetid() {
+                        return volume::kill_setid(fd);
+                    }
+                    Ok(st)
                 }
                 Target::Path(p) => {
                     if uid.is_some() || gid.is_some() {
@@ -382,7 +374,11 @@ impl MirrorFs {
                     if at != SetTime::Omit || mt != SetTime::Omit {
                         v.utimens(p, at, mt)?;
                     }
-                    v.lstat(p)
+                    let st = v.lstat(p)?;
+                    if truncates && volume::without_setid(st.st_mode).is_some() && caller.lacks_fsetid() {
+                        return v.kill_setid(p);
+                    }
+                    Ok(st)
                 }
             }
         })?;
@@ -534,7 +530,10 @@ impl MirrorFs {
         })
     }
 
-    fn do_write(&self, fh: u64, offset: u64, data: &[u8]) -> io::Result<u32> {
+    /// `kill_setid`: the kernel says the caller lacks CAP_FSETID and the
+    /// file has set-ID bits (FUSE_WRITE_KILL_SUIDGID): they are cleared on
+    /// each side after its write.
+    fn do_write(&self, fh: u64, offset: u64, data: &[u8], kill_setid: bool) -> io::Result<u32> {
         self.writable()?;
         let file = self.files.get(fh)?;
         let ino = file.ino;
@@ -545,8 +544,8 @@ impl MirrorFs {
         let mirror_copy = copy.clone();
         let mut pair = self.engine.change2(
             Subject::Inode(ino),
-            move |_| volume::pwrite_all(file.fd(Side::Primary)?.as_fd(), &copy, offset),
-            move |_| volume::pwrite_all(mirror_file.fd(Side::Mirror)?.as_fd(), &mirror_copy, offset),
+            move |_| write_on(&file, Side::Primary, &copy, offset, kill_setid),
+            move |_| write_on(&mirror_file, Side::Mirror, &mirror_copy, offset, kill_setid),
         );
         let side = self.engine.settle("write", Subject::Inode(ino), &pair)?;
         let n = pair.take_ok(side).ok_or_else(|| err(libc::EIO))?;
@@ -703,7 +702,12 @@ impl Filesystem for MirrorFs {
             | InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_CACHE_SYMLINKS
             | InitFlags::FUSE_ASYNC_DIO
-            | InitFlags::FUSE_WRITEBACK_CACHE;
+            | InitFlags::FUSE_WRITEBACK_CACHE
+            // We clear set-ID bits ourselves (write, truncate; the backing
+            // chown does it for chown), so the kernel stops asking for
+            // `security.capability` before every write: a GETXATTR round
+            // trip, and a disk lookup per side, per write.
+            | InitFlags::FUSE_HANDLE_KILLPRIV_V2;
         for flag in wanted.iter() {
             if config.add_capabilities(flag).is_err() {
                 log::info!("kernel lacks capability {flag:?}");
@@ -732,7 +736,7 @@ impl Filesystem for MirrorFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -748,7 +752,7 @@ impl Filesystem for MirrorFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        match self.do_setattr(ino.0, mode, uid, gid, size, atime, mtime, fh) {
+        match self.do_setattr(Caller::of(req), ino.0, mode, uid, gid, size, atime, mtime, fh) {
             Ok(a) => reply.attr(&TTL, &a),
             Err(e) => reply.error(errno(&e)),
         }
@@ -861,12 +865,13 @@ impl Filesystem for MirrorFs {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.do_write(fh.0, offset, data) {
+        let kill_setid = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
+        match self.do_write(fh.0, offset, data, kill_setid) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(&e)),
         }

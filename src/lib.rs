@@ -3,23 +3,19 @@
 //!
 //! `main.rs` stays thin; everything here is testable as a library.
 
-pub mod bufpool;
-pub mod catchup;
 pub mod cli;
 pub mod control;
 pub mod daemon;
+pub mod engine;
 pub mod events;
 pub mod fs;
-pub mod gate;
-pub mod handoff;
 pub mod health;
 pub mod journal;
 pub mod meta;
-pub mod mirror;
 pub mod nodes;
-pub mod resync;
+pub mod recovery;
+pub mod runtime;
 pub mod spec;
-pub mod verify;
 pub mod volume;
 
 use std::process::ExitCode;
@@ -52,7 +48,7 @@ pub fn run(args: Vec<String>) -> ExitCode {
             mountpoint,
         } => match spec::Options::parse(&options) {
             Ok(opts) => daemon::mount(&spec, &mountpoint, opts, foreground).map(|_| 0),
-            Err(e) => Err(daemon::Failure::Usage(e)),
+            Err(e) => Err(runtime::Failure::Usage(e)),
         },
         cli::Command::Unmount { mountpoint } => daemon::unmount(&mountpoint).map(|_| 0),
         cli::Command::Status { json, mountpoint } => control::status(mountpoint.as_deref(), json),
@@ -62,7 +58,7 @@ pub fn run(args: Vec<String>) -> ExitCode {
             mountpoint,
         } => control::events(&mountpoint, json, follow),
         cli::Command::Fail { mountpoint, side } => control::fail(&mountpoint, side),
-        cli::Command::Verify { repair, json, target } => verify::run(&target, json, repair),
+        cli::Command::Verify { repair, json, target } => recovery::verify::run(&target, json, repair),
         cli::Command::Resync {
             full,
             wait,
@@ -70,7 +66,7 @@ pub fn run(args: Vec<String>) -> ExitCode {
             mountpoint,
         } => control::resync(
             &mountpoint,
-            catchup::Manual {
+            recovery::catchup::Manual {
                 full,
                 from,
                 paths: Vec::new(),

@@ -8,16 +8,21 @@
 //! Nodes are keyed by the answering side's `(dev, ino)`, so hard links found
 //! under different names share one inode number.
 //!
+//! Also the open files as the resyncer sees them (`OpenFiles`): it detaches
+//! them from a side about to be caught up and re-attaches them after.
+//!
 //! Lock order: `Nodes` has one mutex, never held across a syscall.
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::io;
 use std::os::fd::OwnedFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::engine::Engine;
+use crate::health::is_side_failure;
 use crate::spec::Side;
 
 pub const ROOT: u64 = 1;
@@ -302,7 +307,7 @@ impl OpenFile {
     pub fn fd(&self, side: Side) -> io::Result<Arc<OwnedFd>> {
         self.slot(side)
             .clone()
-            .ok_or_else(|| io::Error::from_raw_os_error(crate::mirror::NOT_ATTACHED))
+            .ok_or_else(|| io::Error::from_raw_os_error(crate::engine::NOT_ATTACHED))
     }
 
     pub fn has_fd(&self, side: Side) -> bool {
@@ -386,6 +391,72 @@ impl<T> Handles<T> {
             .values()
             .find(|v| pred(v))
             .cloned()
+    }
+}
+
+/// The open files, as the resyncer sees them: it detaches them from a side
+/// about to be caught up, and re-attaches them to it once it is.
+#[derive(Clone)]
+pub struct OpenFiles {
+    files: Arc<Handles<OpenFile>>,
+    nodes: Arc<Nodes>,
+}
+
+impl OpenFiles {
+    pub fn new(files: Arc<Handles<OpenFile>>, nodes: Arc<Nodes>) -> OpenFiles {
+        OpenFiles { files, nodes }
+    }
+
+    /// Drops every open file's fd on `side`: fds from before an outage may
+    /// name files the resync replaces.
+    pub fn detach(&self, side: Side, engine: &Engine) {
+        for f in self.files.all() {
+            if let Some(fd) = f.take_fd(side) {
+                engine.retire(fd);
+            }
+        }
+    }
+
+    /// Opens, on `side`, every open file that has no fd there yet, by its
+    /// path. Must run with changes held off. Returns the paths that could
+    /// not be opened there (they are caught up again); a side failure is
+    /// an error. An open file that has been unlinked has no path and stays
+    /// on the other side alone.
+    pub fn reattach(&self, side: Side, engine: &Engine) -> io::Result<Vec<PathBuf>> {
+        let mut missing = Vec::new();
+        for f in self.files.all() {
+            if f.has_fd(side) {
+                continue;
+            }
+            let Ok(path) = self.nodes.path(f.ino) else { continue };
+            let (p, flags) = (path.clone(), f.flags);
+            match engine.on_side(side, "open", move |v| v.open_file(&p, flags)) {
+                Ok(fd) => {
+                    if let Some(old) = f.attach(side, fd) {
+                        engine.retire(old);
+                    }
+                }
+                Err(e) if is_side_failure(e.raw_os_error().unwrap_or(libc::EIO)) => return Err(e),
+                Err(_) => missing.push(path),
+            }
+        }
+        Ok(missing)
+    }
+
+    /// `reattach` for the open files named `rel`: called by the copier as
+    /// soon as `rel` exists on `side`, with changes held off.
+    pub fn reattach_path(&self, side: Side, engine: &Engine, rel: &Path) -> io::Result<()> {
+        for f in self.files.all() {
+            if f.has_fd(side) || self.nodes.path(f.ino).ok().as_deref() != Some(rel) {
+                continue;
+            }
+            let (p, flags) = (rel.to_path_buf(), f.flags);
+            let fd = engine.on_side(side, "open", move |v| v.open_file(&p, flags))?;
+            if let Some(old) = f.attach(side, fd) {
+                engine.retire(old);
+            }
+        }
+        Ok(())
     }
 }
 

@@ -338,6 +338,18 @@ impl Volume {
         ftruncate(fd.as_fd(), size)
     }
 
+    /// `kill_setid` by path.
+    pub fn kill_setid(&self, rel: &Path) -> io::Result<Stat> {
+        let st = self.lstat(rel)?;
+        match without_setid(st.st_mode) {
+            Some(m) => {
+                self.chmod(rel, m)?;
+                self.lstat(rel)
+            }
+            None => Ok(st),
+        }
+    }
+
     pub fn utimens(&self, rel: &Path, atime: SetTime, mtime: SetTime) -> io::Result<()> {
         let ts = [atime.timespec(), mtime.timespec()];
         if rel.as_os_str().is_empty() {
@@ -597,6 +609,34 @@ pub fn ftruncate(fd: BorrowedFd<'_>, size: u64) -> io::Result<()> {
     cvt(unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) }).map(drop)
 }
 
+/// `mode` less what the kernel clears on a write or truncate by a caller
+/// without CAP_FSETID: set-user-ID, and set-group-ID on a group-executable
+/// file (FUSE_HANDLE_KILLPRIV_V2's rule); None when there is nothing to clear.
+pub fn without_setid(mode: u32) -> Option<u32> {
+    let mut m = mode & 0o7777;
+    if m & libc::S_ISUID != 0 {
+        m &= !libc::S_ISUID;
+    }
+    if m & (libc::S_ISGID | libc::S_IXGRP) == libc::S_ISGID | libc::S_IXGRP {
+        m &= !libc::S_ISGID;
+    }
+    (m != mode & 0o7777).then_some(m)
+}
+
+/// Clears the set-ID bits of an open file as `without_setid` says; returns
+/// its attributes afterwards. (`security.capability` needs nothing: the
+/// backing filesystem drops it itself on every write or truncate.)
+pub fn kill_setid(fd: BorrowedFd<'_>) -> io::Result<Stat> {
+    let st = fstat(fd)?;
+    match without_setid(st.st_mode) {
+        Some(m) => {
+            fchmod(fd, m)?;
+            fstat(fd)
+        }
+        None => Ok(st),
+    }
+}
+
 pub fn fchmod(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
     // SAFETY: valid fd.
     cvt(unsafe { libc::fchmod(fd.as_raw_fd(), mode) }).map(drop)
@@ -664,6 +704,18 @@ pub fn child(parent: &Path, name: &OsStr) -> PathBuf {
 mod tests {
     use super::*;
     use std::fs;
+
+    #[test]
+    fn setid_bits_cleared_as_the_kernel_clears_them() {
+        assert_eq!(without_setid(0o104755), Some(0o755));
+        // Set-group-ID goes only with group execute (it marks mandatory
+        // locking without it).
+        assert_eq!(without_setid(0o102755), Some(0o755));
+        assert_eq!(without_setid(0o102745), None);
+        assert_eq!(without_setid(0o106745), Some(0o2745));
+        assert_eq!(without_setid(0o100644), None);
+        assert_eq!(without_setid(0o41777), None);
+    }
 
     #[test]
     fn refuses_to_follow_symlinks_out_of_the_root() {

@@ -209,7 +209,7 @@ impl Mounted {
 
     /// Asserts that the two sides hold identical trees.
     pub fn assert_identical(&self) {
-        let diffs = mirrorfs::verify::compare_trees(&self.primary, &self.mirror).expect("compare sides");
+        let diffs = mirrorfs::recovery::verify::compare_trees(&self.primary, &self.mirror).expect("compare sides");
         assert!(
             diffs.is_empty(),
             "sides differ:\n{}",

@@ -391,6 +391,62 @@ fn allow_other_checks_permissions_and_creates_as_the_caller() {
     m.finish();
 }
 
+/// The file's permission bits through the mount and on each side.
+fn modes(m: &Mounted, rel: &str) -> [u32; 3] {
+    [&m.mnt, &m.primary, &m.mirror].map(|root| fs::metadata(root.join(rel)).unwrap().mode() & 0o7777)
+}
+
+#[test]
+fn writes_and_truncates_clear_setid_bits_only_for_callers_without_cap_fsetid() {
+    let Some(m) = Mounted::new(
+        "writes_and_truncates_clear_setid_bits_only_for_callers_without_cap_fsetid",
+        "allow_other",
+    ) else {
+        return;
+    };
+    fs::create_dir(m.path("pub")).unwrap();
+    fs::set_permissions(m.path("pub"), fs::Permissions::from_mode(0o777)).unwrap();
+    let f = "pub/setid";
+    let setid = |mode: u32| fs::set_permissions(m.path(f), fs::Permissions::from_mode(mode)).unwrap();
+    fs::write(m.path(f), b"start\n").unwrap();
+
+    // root (CAP_FSETID) keeps the bits, on a write and on a truncate.
+    setid(0o6777);
+    let mut w = OpenOptions::new().append(true).open(m.path(f)).unwrap();
+    w.write_all(b"root\n").unwrap();
+    w.sync_all().unwrap();
+    drop(w);
+    assert_eq!(modes(&m, f), [0o6777; 3], "a root write kept the set-ID bits");
+    ok(Command::new("truncate").args(["-s", "3"]).arg(m.path(f)));
+    assert_eq!(modes(&m, f), [0o6777; 3], "a root truncate kept the set-ID bits");
+
+    // nobody (no CAP_FSETID) may write it, and loses both bits doing so.
+    let out = as_nobody(&format!("echo nobody >> {}", m.path(f).display()));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        modes(&m, f),
+        [0o777; 3],
+        "a write by nobody cleared set-user-ID and set-group-ID"
+    );
+    assert!(fs::read_to_string(m.primary.join(f)).unwrap().ends_with("nobody\n"));
+
+    setid(0o6777);
+    let out = as_nobody(&format!("truncate -s 1 {}", m.path(f).display()));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(modes(&m, f), [0o777; 3], "a truncate by nobody cleared them");
+
+    // Set-group-ID without group execute is not a privilege: it stays.
+    setid(0o4767);
+    let out = as_nobody(&format!("echo again >> {}", m.path(f).display()));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(modes(&m, f), [0o767; 3]);
+    setid(0o2767);
+    let out = as_nobody(&format!("echo more >> {}", m.path(f).display()));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(modes(&m, f), [0o2767; 3], "set-group-ID without group execute stays");
+    m.finish();
+}
+
 #[test]
 fn statfs_reports_the_backing_space() {
     let Some(m) = Mounted::new("statfs_reports_the_backing_space", "") else {

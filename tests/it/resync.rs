@@ -43,7 +43,7 @@ fn has_event(evs: &[Value], name: &str, side: &str) -> bool {
 /// `try_remount`, its log (the fixture's own daemon logs to the test's stderr).
 fn diagnostics(mnt: &Path) -> String {
     let (_, evs) = mirrorfs(&["events"], mnt, CMD_LIMIT);
-    let log_path = mirrorfs::daemon::runtime_file(mnt, "log");
+    let log_path = mirrorfs::runtime::runtime_file(mnt, "log");
     let log = fs::read_to_string(&log_path).unwrap_or_default();
     let tail: Vec<&str> = log.lines().rev().take(80).collect();
     let tail: Vec<&str> = tail.into_iter().rev().collect();

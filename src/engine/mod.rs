@@ -19,6 +19,12 @@
 //! Lock order: `transition` is taken before `Health`'s own lock, and never
 //! while waiting for a side.
 
+pub mod bufpool;
+pub mod gate;
+pub mod handoff;
+pub mod resolve;
+pub mod sideio;
+
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,41 +35,14 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::events::{Event, Events, Kind};
-use crate::gate::{Exclusive, Gate, Pass};
-use crate::handoff::{self, RecvTimeoutError};
 use crate::health::{Health, OP_FAIL, SideState, errno_label, errno_name, is_side_failure};
 use crate::journal::{Intent, PathLog};
 use crate::spec::Side;
 use crate::volume::Volume;
-
-/// What one side did with an operation, as `resolve` sees it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SideResult {
-    Ok,
-    Err(i32),
-    /// The side was out of service and was not asked.
-    Skipped,
-}
-
-impl SideResult {
-    pub fn of<T>(r: &Option<io::Result<T>>) -> SideResult {
-        match r {
-            None => SideResult::Skipped,
-            Some(Ok(_)) => SideResult::Ok,
-            Some(Err(e)) => SideResult::Err(e.raw_os_error().unwrap_or(libc::EIO)),
-        }
-    }
-}
-
-/// What a side failure does to the caller (`noswitch`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Policy {
-    /// Carry on with the survivor; the caller sees no error.
-    Switch,
-    /// Fail-stop: the caller gets EIO, and changes are refused while a side
-    /// is out of service.
-    NoSwitch,
-}
+use gate::{Exclusive, Gate, Pass};
+use handoff::RecvTimeoutError;
+pub use resolve::{Answer, Decision, Policy, SideResult, resolve};
+use sideio::{Job, Lane};
 
 /// Whether an operation run on both sides changes them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,86 +50,6 @@ pub enum Effect {
     Changes,
     /// Opens a file on each side without changing it (a read-only open).
     Opens,
-}
-
-/// What the caller is told.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Answer {
-    /// The value this side returned.
-    From(Side),
-    /// This errno.
-    Errno(i32),
-}
-
-/// The outcome of `resolve`: the answer and its side effects.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Decision {
-    pub answer: Answer,
-    /// A side whose failure takes it out of service.
-    pub mark_down: Option<Side>,
-    /// The sides gave different ordinary answers: the path is out of sync.
-    pub diverged: bool,
-}
-
-const fn decide(answer: Answer, mark_down: Option<Side>, diverged: bool) -> Decision {
-    Decision {
-        answer,
-        mark_down,
-        diverged,
-    }
-}
-
-/// Decides what the caller sees from the two sides' results. "Failure" is a
-/// side failure (`health::is_side_failure`, including a timeout), "ordinary"
-/// any other errno.
-///
-/// | primary        | mirror         | answer          | effect               |
-/// |----------------|----------------|-----------------|----------------------|
-/// | ok             | ok             | primary's value |                      |
-/// | ok             | skipped        | primary's value |                      |
-/// | skipped        | ok             | mirror's value  |                      |
-/// | skipped        | error e        | e               | (last side)          |
-/// | error e        | skipped        | e               | (last side)          |
-/// | skipped        | skipped        | EIO             | (no side up)         |
-/// | ok             | failure        | primary's value | mirror down          |
-/// | failure        | ok             | mirror's value  | primary down         |
-/// | ok             | ordinary e     | primary's value | diverged             |
-/// | ordinary e     | ok             | e               | diverged             |
-/// | error e        | same error e   | e               |                      |
-/// | failure a      | ordinary b     | b               | primary down         |
-/// | ordinary a     | failure b      | a               | mirror down          |
-/// | ordinary a     | ordinary b     | a               | diverged             |
-/// | failure a      | failure b      | a               | (both failing: none) |
-///
-/// Under `Policy::NoSwitch`, every row that takes a side down answers EIO
-/// instead (the side still goes down and is reported).
-pub fn resolve(p: SideResult, m: SideResult, policy: Policy) -> Decision {
-    use Answer::{Errno, From};
-    use SideResult::{Err, Ok, Skipped};
-    let d = match (p, m) {
-        (Ok, Ok) | (Ok, Skipped) => decide(From(Side::Primary), None, false),
-        (Skipped, Ok) => decide(From(Side::Mirror), None, false),
-        (Skipped, Err(e)) | (Err(e), Skipped) => decide(Errno(e), None, false),
-        (Skipped, Skipped) => decide(Errno(libc::EIO), None, false),
-        (Ok, Err(e)) if is_side_failure(e) => decide(From(Side::Primary), Some(Side::Mirror), false),
-        (Err(e), Ok) if is_side_failure(e) => decide(From(Side::Mirror), Some(Side::Primary), false),
-        (Ok, Err(_)) => decide(From(Side::Primary), None, true),
-        (Err(e), Ok) => decide(Errno(e), None, true),
-        (Err(a), Err(b)) if a == b => decide(Errno(a), None, false),
-        (Err(a), Err(b)) => match (is_side_failure(a), is_side_failure(b)) {
-            (true, false) => decide(Errno(b), Some(Side::Primary), false),
-            (false, true) => decide(Errno(a), Some(Side::Mirror), false),
-            (false, false) => decide(Errno(a), None, true),
-            (true, true) => decide(Errno(a), None, false),
-        },
-    };
-    match policy {
-        Policy::NoSwitch if d.mark_down.is_some() => Decision {
-            answer: Errno(libc::EIO),
-            ..d
-        },
-        _ => d,
-    }
 }
 
 /// The operation named when writing the write-intent record fails.
@@ -200,24 +99,9 @@ pub enum Subject<'a> {
     Mount,
 }
 
-type Job = Box<dyn FnOnce() + Send>;
 /// A read, run on whichever side answers.
 type ReadFn<T> = Arc<dyn Fn(Side, &Volume) -> io::Result<T> + Send + Sync>;
 type Results<T> = handoff::Sender<(Side, Option<io::Result<T>>)>;
-
-/// Starts a lane: `threads` workers taking jobs for one side.
-fn lane(side: Side, threads: usize) -> io::Result<Sender<Job>> {
-    let (tx, rx): (Sender<Job>, Receiver<Job>) = crossbeam_channel::unbounded();
-    for i in 0..threads {
-        let rx = rx.clone();
-        thread::Builder::new().name(format!("{side}-{i}")).spawn(move || {
-            for job in rx {
-                job();
-            }
-        })?;
-    }
-    Ok(tx)
-}
 
 /// Called once when a side is taken out of service, before the operation
 /// that failed on it is answered.
@@ -239,7 +123,7 @@ pub struct Engine {
     vols: [RwLock<Option<Arc<Volume>>>; 2],
     pub health: Arc<Health>,
     pub events: Arc<Events>,
-    lanes: [RwLock<Sender<Job>>; 2],
+    lanes: [Lane; 2],
     config: EngineConfig,
     on_down: Option<OnDown>,
     /// Held while a side goes down and its absence is recorded; an operation
@@ -296,8 +180,8 @@ impl Engine {
             health,
             events,
             lanes: [
-                RwLock::new(lane(Side::Primary, config.threads)?),
-                RwLock::new(lane(Side::Mirror, config.threads)?),
+                Lane::start("primary", config.threads)?,
+                Lane::start("mirror", config.threads)?,
             ],
             config,
             on_down: None,
@@ -488,20 +372,12 @@ impl Engine {
         if !self.health.takes_changes(side) {
             return self.retire(fd);
         }
-        // If the lane is gone (only at exit), the fd is leaked with the job
-        // rather than closed here.
-        if let Err(job) = self.queue(side, Box::new(move || drop(fd))) {
-            std::mem::forget(job);
-        }
+        self.queue(side, Box::new(move || drop(fd)));
     }
 
-    /// Puts `job` on `side`'s lane; gives it back if the lane is gone.
-    fn queue(&self, side: Side, job: Job) -> Result<(), Job> {
-        self.lanes[side.index()]
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .send(job)
-            .map_err(|e| e.into_inner())
+    /// Puts `job` on `side`'s lane.
+    fn queue(&self, side: Side, job: Job) {
+        self.lanes[side.index()].send(job);
     }
 
     pub fn volume(&self, side: Side) -> io::Result<Arc<Volume>> {
@@ -559,7 +435,8 @@ impl Engine {
             let r = serves(&health).then(|| f(&vol));
             tx.send((side, r));
         });
-        self.queue(side, job).is_ok()
+        self.queue(side, job);
+        true
     }
 
     /// Runs `f` on `side`'s lane and waits for it at most `side_timeout`; a
@@ -920,108 +797,6 @@ impl Engine {
         let mut pair = self.change(subject, f);
         let side = self.settle(op, subject, &pair)?;
         pair.take_ok(side).ok_or_else(eio)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Answer::{Errno, From};
-    use super::SideResult::{Err, Ok, Skipped};
-    use super::*;
-
-    const EIO: i32 = libc::EIO;
-    const ENOSPC: i32 = libc::ENOSPC;
-    const ENOENT: i32 = libc::ENOENT;
-    const EEXIST: i32 = libc::EEXIST;
-    const S: Policy = Policy::Switch;
-
-    #[test]
-    fn both_ok_answers_primary() {
-        assert_eq!(resolve(Ok, Ok, S), decide(From(Side::Primary), None, false));
-    }
-    #[test]
-    fn mirror_skipped_answers_primary() {
-        assert_eq!(resolve(Ok, Skipped, S), decide(From(Side::Primary), None, false));
-    }
-    #[test]
-    fn primary_skipped_answers_mirror() {
-        assert_eq!(resolve(Skipped, Ok, S), decide(From(Side::Mirror), None, false));
-    }
-    #[test]
-    fn last_side_errors_go_to_caller() {
-        assert_eq!(resolve(Skipped, Err(EIO), S), decide(Errno(EIO), None, false));
-        assert_eq!(resolve(Err(ENOSPC), Skipped, S), decide(Errno(ENOSPC), None, false));
-    }
-    #[test]
-    fn no_side_up_is_eio() {
-        assert_eq!(resolve(Skipped, Skipped, S), decide(Errno(EIO), None, false));
-    }
-    #[test]
-    fn mirror_failure_takes_mirror_down() {
-        assert_eq!(
-            resolve(Ok, Err(EIO), S),
-            decide(From(Side::Primary), Some(Side::Mirror), false)
-        );
-    }
-    #[test]
-    fn primary_failure_takes_primary_down() {
-        assert_eq!(
-            resolve(Err(ENOSPC), Ok, S),
-            decide(From(Side::Mirror), Some(Side::Primary), false)
-        );
-    }
-    #[test]
-    fn mirror_ordinary_error_diverges() {
-        assert_eq!(resolve(Ok, Err(ENOENT), S), decide(From(Side::Primary), None, true));
-    }
-    #[test]
-    fn primary_ordinary_error_is_answered_and_diverges() {
-        assert_eq!(resolve(Err(EEXIST), Ok, S), decide(Errno(EEXIST), None, true));
-    }
-    #[test]
-    fn same_error_on_both_is_answered() {
-        assert_eq!(resolve(Err(ENOENT), Err(ENOENT), S), decide(Errno(ENOENT), None, false));
-    }
-    #[test]
-    fn primary_failure_mirror_ordinary_answers_mirror() {
-        assert_eq!(
-            resolve(Err(EIO), Err(ENOENT), S),
-            decide(Errno(ENOENT), Some(Side::Primary), false)
-        );
-    }
-    #[test]
-    fn primary_ordinary_mirror_failure_answers_primary() {
-        assert_eq!(
-            resolve(Err(ENOENT), Err(EIO), S),
-            decide(Errno(ENOENT), Some(Side::Mirror), false)
-        );
-    }
-    #[test]
-    fn different_ordinary_errors_diverge() {
-        assert_eq!(resolve(Err(ENOENT), Err(EEXIST), S), decide(Errno(ENOENT), None, true));
-    }
-    #[test]
-    fn both_failing_marks_neither() {
-        assert_eq!(resolve(Err(EIO), Err(ENOSPC), S), decide(Errno(EIO), None, false));
-    }
-
-    #[test]
-    fn a_timeout_is_a_side_failure() {
-        assert_eq!(
-            resolve(Ok, Err(libc::ETIMEDOUT), S),
-            decide(From(Side::Primary), Some(Side::Mirror), false)
-        );
-    }
-    #[test]
-    fn noswitch_answers_eio_where_a_side_goes_down() {
-        let n = Policy::NoSwitch;
-        assert_eq!(
-            resolve(Ok, Err(ENOSPC), n),
-            decide(Errno(EIO), Some(Side::Mirror), false)
-        );
-        assert_eq!(resolve(Err(EIO), Ok, n), decide(Errno(EIO), Some(Side::Primary), false));
-        assert_eq!(resolve(Ok, Ok, n), decide(From(Side::Primary), None, false));
-        assert_eq!(resolve(Ok, Err(ENOENT), n), decide(From(Side::Primary), None, true));
     }
 }
 

@@ -742,7 +742,10 @@ mod tests {
         }
 
         fn assert_same(&self) {
-            assert_eq!(crate::verify::compare_trees(&self.a, &self.b).unwrap(), vec![]);
+            assert_eq!(
+                crate::recovery::verify::compare_trees(&self.a, &self.b).unwrap(),
+                vec![]
+            );
         }
     }
 

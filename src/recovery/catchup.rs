@@ -27,13 +27,13 @@ use std::time::{Duration, Instant, SystemTime};
 use crossbeam_channel::{Receiver, Sender};
 use serde::{Deserialize, Serialize};
 
+use crate::engine::Engine;
 use crate::events::{Event, Kind, utc};
-use crate::fs::OpenFiles;
 use crate::health::{OP_FAIL, SideState};
 use crate::journal::PathLog;
 use crate::meta;
-use crate::mirror::Engine;
-use crate::resync::{Access, Copier, Depth, Stats, measure};
+use crate::nodes::OpenFiles;
+use crate::recovery::resync::{Access, Copier, Depth, Stats, measure};
 use crate::spec::{MountSpec, Side};
 use crate::volume::Volume;
 

@@ -353,7 +353,7 @@ fn repair(primary: &Path, mirror: &Path, online: Option<&Path>, diffs: &[Differe
     let mut paths: Vec<PathBuf> = diffs.iter().map(|d| d.path.clone()).collect();
     paths.dedup();
     if let Some(mnt) = online {
-        let manual = crate::catchup::Manual {
+        let manual = crate::recovery::catchup::Manual {
             paths,
             ..Default::default()
         };
@@ -371,15 +371,15 @@ fn repair(primary: &Path, mirror: &Path, online: Option<&Path>, diffs: &[Differe
         crate::volume::Volume::open(side, roots[side.index()])
             .map_err(|e| format!("{}: {e}", roots[side.index()].display()))
     };
-    let access = crate::resync::Direct {
+    let access = crate::recovery::resync::Direct {
         src: open(good)?,
         dst: std::sync::Arc::new(open(good.other())?),
     };
-    let stats = crate::resync::Stats::default();
-    let mut copier = crate::resync::Copier::new(&access, &stats);
+    let stats = crate::recovery::resync::Stats::default();
+    let mut copier = crate::recovery::resync::Copier::new(&access, &stats);
     for p in &paths {
         copier
-            .reconcile(p, crate::resync::Depth::Entry)
+            .reconcile(p, crate::recovery::resync::Depth::Entry)
             .map_err(|e| format!("repairing /{}: {e}", p.display()))?;
     }
     eprintln!("repaired {} path(s) from the {good}", paths.len());
@@ -389,8 +389,8 @@ fn repair(primary: &Path, mirror: &Path, online: Option<&Path>, diffs: &[Differe
 /// `mirrorfs verify [--repair] [--json] (MOUNTPOINT | 'PRIMARY|MIRROR')`: 0
 /// when the sides are identical (after repair, with `--repair`), 1 when
 /// they differ or cannot be compared.
-pub fn run(target: &str, json: bool, repair_them: bool) -> Result<u8, crate::daemon::Failure> {
-    use crate::daemon::Failure;
+pub fn run(target: &str, json: bool, repair_them: bool) -> Result<u8, crate::runtime::Failure> {
+    use crate::runtime::Failure;
     let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
     let (primary, mirror, online) = if target.contains('|') {
         let (p, m) = crate::spec::split_spec(target).map_err(Failure::Usage)?;
