@@ -545,6 +545,9 @@ fn serve(p: Prepared, ready: &mut Option<File>) -> Result<(), Failure> {
 
 /// How often the write-intent record is cleared, when changes were made.
 const INTENT_CLEAR: Duration = Duration::from_secs(2);
+/// Past this many paths in an epoch, clearing it syncs the sides' whole
+/// filesystems instead of each path.
+const SYNCFS_ABOVE: usize = 256;
 
 /// Opens each served side's journal and the write-intent record. A
 /// write-intent record left by a run that did not end cleanly names the
@@ -599,11 +602,22 @@ fn clear_intent(engine: &Engine) {
         let _x = engine.exclusive();
         intent.switch()
     };
+    let paths = Arc::new(intent.paths(old));
     for side in Side::BOTH {
-        if engine.health.takes_changes(side)
-            && let Err(e) = engine.on_side(side, "syncfs", |v| v.syncfs())
-        {
-            log::warn!("side={side} syncfs failed: {e}; the write-intent record is kept");
+        if !engine.health.takes_changes(side) {
+            continue;
+        }
+        let p = paths.clone();
+        // A few files are synced one by one, so that other data on the
+        // sides' filesystems is not forced out with ours; past a few
+        // hundred, one syncfs costs less than their fsyncs.
+        let r = if p.len() > SYNCFS_ABOVE {
+            engine.on_side(side, "syncfs", |v| v.syncfs())
+        } else {
+            engine.on_side(side, "fsync", move |v| v.sync_paths(p.iter().map(PathBuf::as_path)))
+        };
+        if let Err(e) = r {
+            log::warn!("side={side} syncing the write-intent record's files failed: {e}; the record is kept");
             return;
         }
     }
@@ -611,7 +625,6 @@ fn clear_intent(engine: &Engine) {
         log::warn!("clearing the write-intent record: {e}");
     }
 }
-
 /// Watches each side's root and the directory that holds it, so that a
 /// side whose volume is mounted again is probed at once rather than at the
 /// next `probe_interval`. Without the watch, probing goes on by the clock.

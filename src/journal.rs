@@ -195,8 +195,8 @@ impl PathLog {
 /// The write-intent record: every path with a change in flight is in it
 /// before the change reaches either side. It has two epochs; paths go into
 /// the current one. Clearing (lazily, in the background) moves to the other
-/// epoch once no change of the old one is in flight, makes both sides
-/// durable (syncfs), and only then removes the old epoch's file.
+/// epoch once no change of the old one is in flight, makes the old epoch's
+/// paths durable on both sides, and only then removes the old epoch's file.
 pub struct Intent {
     dir: PathBuf,
     epochs: [PathLog; 2],
@@ -251,6 +251,11 @@ impl Intent {
         let old = *cur;
         *cur = 1 - old;
         old
+    }
+
+    /// The paths epoch `e` records.
+    pub fn paths(&self, e: usize) -> BTreeSet<PathBuf> {
+        self.epochs[e].paths()
     }
 
     /// Forgets epoch `e` once its changes are durable on both sides.

@@ -420,8 +420,43 @@ impl Volume {
 
     /// fsync of a directory (or file) by path, for `fsyncdir`.
     pub fn fsync_path(&self, rel: &Path, datasync: bool) -> io::Result<()> {
-        let fd = self.open_file(rel, libc::O_RDONLY)?;
+        let fd = self.open_file(rel, libc::O_RDONLY | libc::O_NONBLOCK)?;
         fsync(fd.as_fd(), datasync)
+    }
+
+    /// Makes everything written to the side's filesystem durable.
+    pub fn syncfs(&self) -> io::Result<()> {
+        // SAFETY: syncfs on an fd we own.
+        cvt(unsafe { libc::syncfs(self.root.as_raw_fd()) }).map(drop)
+    }
+
+    /// Makes the entries at `paths` durable: the data of each regular file
+    /// (`fdatasync`: size and contents, not timestamps) and each directory
+    /// that holds one of them (its entries: a create, unlink or rename).
+    /// An entry that is gone is covered by its directory's sync; a symlink
+    /// or special file by its directory alone (it is never opened: a FIFO
+    /// would block, a device could act).
+    pub fn sync_paths<'a>(&self, paths: impl IntoIterator<Item = &'a Path>) -> io::Result<()> {
+        let mut dirs = std::collections::BTreeSet::new();
+        for rel in paths {
+            dirs.insert(rel.parent().unwrap_or(Path::new("")).to_path_buf());
+            match self.lstat(rel) {
+                Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFREG => self.fsync_path(rel, true)?,
+                Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFDIR => {
+                    dirs.insert(rel.to_path_buf());
+                }
+                Ok(_) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        for d in dirs {
+            match self.fsync_path(&d, false) {
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP)) => {}
+                r => r?,
+            }
+        }
+        Ok(())
     }
 
     /// Checks that the side takes a durable change: a directory in its
@@ -429,11 +464,6 @@ impl Volume {
     /// side whose metadata directory is gone (an empty mountpoint left by an
     /// unmounted disk) fails with ENOENT. No regular file is opened: closing
     /// one on a hung FUSE side would block beyond any signal.
-    /// Makes everything written to the side's filesystem durable.
-    pub fn syncfs(&self) -> io::Result<()> {
-        // SAFETY: syncfs on an fd we own.
-        cvt(unsafe { libc::syncfs(self.root.as_raw_fd()) }).map(drop)
-    }
 
     pub fn probe(&self) -> io::Result<()> {
         self.statvfs()?;
@@ -704,6 +734,19 @@ pub fn child(parent: &Path, name: &OsStr) -> PathBuf {
 mod tests {
     use super::*;
     use std::fs;
+
+    #[test]
+    fn sync_paths_syncs_files_and_directories_and_never_opens_a_fifo() {
+        let t = tempfile::tempdir().unwrap();
+        fs::create_dir(t.path().join("d")).unwrap();
+        fs::write(t.path().join("d/f"), b"x").unwrap();
+        std::os::unix::fs::symlink("f", t.path().join("d/l")).unwrap();
+        nix::unistd::mkfifo(&t.path().join("d/p"), nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+        let v = Volume::open(Side::Primary, t.path()).unwrap();
+        let paths = ["d/f", "d/l", "d/p", "d", "gone", "d/gone/deeper", "d/f/notdir"].map(Path::new);
+        // A FIFO opened for reading without O_NONBLOCK would hang here.
+        v.sync_paths(paths).unwrap();
+    }
 
     #[test]
     fn setid_bits_cleared_as_the_kernel_clears_them() {
