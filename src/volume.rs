@@ -464,7 +464,6 @@ impl Volume {
     /// side whose metadata directory is gone (an empty mountpoint left by an
     /// unmounted disk) fails with ENOENT. No regular file is opened: closing
     /// one on a hung FUSE side would block beyond any signal.
-
     pub fn probe(&self) -> io::Result<()> {
         self.statvfs()?;
         let rel = Path::new(META_DIR).join("probe");
