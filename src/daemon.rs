@@ -33,6 +33,10 @@ use crate::volume::Volume;
 
 /// FUSE threads serving requests; each has its own /dev/fuse fd.
 pub const FUSE_THREADS: usize = 8;
+/// FUSE threads that may be inside a call on the primary at once; the
+/// others go on serving (through the lanes) while these are stuck in a
+/// hung primary, until the watchdog takes it down.
+pub const INLINE_BUDGET: usize = FUSE_THREADS - 2;
 /// Worker threads of each side's lane.
 pub const SIDE_THREADS: usize = 8;
 
@@ -362,6 +366,8 @@ fn serve(p: Prepared, ready: &mut Option<File>) -> Result<(), Failure> {
             Policy::Switch
         },
         threads: SIDE_THREADS,
+        inline_threads: FUSE_THREADS,
+        inline_budget: INLINE_BUDGET,
     };
     let mut engine = Engine::new(pv, mv, health, events.clone(), config).map_err(|e| rt("starting workers", &e))?;
     // The survivor records the failed side as stale before the failing
@@ -378,6 +384,7 @@ fn serve(p: Prepared, ready: &mut Option<File>) -> Result<(), Failure> {
         }
     }));
     let engine = Arc::new(engine);
+    engine.start_watchdog().map_err(|e| rt("watchdog thread", &e))?;
     if absent.contains(&Some(Absent::Split)) {
         engine.set_split();
     }
@@ -393,6 +400,7 @@ fn serve(p: Prepared, ready: &mut Option<File>) -> Result<(), Failure> {
     .map_err(|e| rt("reading the root", &e))?;
     let open_files = fs.open_files();
     let fuse_fd = kernel_mount(&spec, &opts).map_err(|e| rt(&format!("mounting {}", spec.mountpoint.display()), &e))?;
+    let conn = fuse_fd.try_clone().map_err(|e| rt("duplicating /dev/fuse", &e))?;
     let acl = if opts.allow_other {
         fuser::SessionACL::All
     } else {
@@ -520,7 +528,7 @@ fn serve(p: Prepared, ready: &mut Option<File>) -> Result<(), Failure> {
         engine.want_resync();
     }
 
-    let r = session.run();
+    let r = serve_until_unmounted(session, &conn);
     clear_intent(&engine);
     // Closing a file on a hung side would wait for it (FLUSH): the locks
     // are released without closing, so a new mount can take the sides as
@@ -725,6 +733,47 @@ impl Prober {
                     self.engine.want_resync();
                 }
             }
+        }
+    }
+}
+
+/// How long the end of the session waits for its threads once the kernel
+/// has ended the connection.
+const SESSION_JOIN: Duration = Duration::from_secs(2);
+
+/// Serves until the kernel ends the connection (unmount). The session's
+/// threads are then waited for only a moment: one stuck in a hung primary
+/// (its request was answered by a rescuer) may never return, and must not
+/// hold up the unmount or the release of the sides.
+fn serve_until_unmounted<FS: fuser::Filesystem + Send + 'static>(
+    session: fuser::Session<FS>,
+    conn: &OwnedFd,
+) -> io::Result<()> {
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    std::thread::Builder::new().name("fuse-session".into()).spawn(move || {
+        let _ = tx.send(session.run());
+    })?;
+    loop {
+        let mut pfd = libc::pollfd {
+            fd: conn.as_raw_fd(),
+            events: 0,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd. With no events asked, poll returns only
+        // on POLLERR/POLLHUP: the connection is gone.
+        let n = unsafe { libc::poll(&mut pfd, 1, 1000) };
+        if let Ok(r) = rx.try_recv() {
+            return r;
+        }
+        if n > 0 {
+            break;
+        }
+    }
+    match rx.recv_timeout(SESSION_JOIN) {
+        Ok(r) => r,
+        Err(_) => {
+            log::warn!("a FUSE thread is still inside a call on a hung side; not waiting for it");
+            Ok(())
         }
     }
 }

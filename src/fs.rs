@@ -23,6 +23,7 @@ use fuser::{
 
 use crate::engine::bufpool::PooledBuf;
 use crate::engine::gate::Pass;
+use crate::engine::inline::{Flight, Rescue};
 use crate::engine::{Effect, Engine, Subject};
 use crate::nodes::{Handles, Key, Nodes, OpenDir, OpenFile, OpenFiles, ROOT};
 use crate::spec::Side;
@@ -199,6 +200,35 @@ impl Caller {
     }
 }
 
+/// At most this many entries are looked at per READDIRPLUS: more than fit
+/// in the kernel's usual 4 KiB reply, so that no call stats a whole large
+/// directory only to send its first entries.
+const PLUS_BATCH: usize = 64;
+
+/// One READDIRPLUS's worth of a directory.
+struct Plus {
+    dir: u64,
+    dattr: FileAttr,
+    items: Vec<(u64, std::ffi::OsString, Side, Stat)>,
+}
+
+/// Sends a directory listing from `offset` on ("." and ".." first).
+fn fill_readdir(reply: &mut ReplyDirectory, dir: u64, entries: &[volume::DirEntry], offset: u64) {
+    let dots = [
+        (OsStr::new("."), FileType::Directory),
+        (OsStr::new(".."), FileType::Directory),
+    ];
+    let all = dots
+        .iter()
+        .map(|(n, k)| (dir, *k, *n))
+        .chain(entries.iter().map(|e| (e.ino, dtype_kind(e.dtype), e.name.as_os_str())));
+    for (i, (ino, k, name)) in all.enumerate().skip(offset as usize) {
+        if reply.add(INodeNo(ino), i as u64 + 1, k, name) {
+            break;
+        }
+    }
+}
+
 /// Mount-time settings the filesystem needs.
 #[derive(Clone, Copy, Debug)]
 pub struct FsConfig {
@@ -206,6 +236,12 @@ pub struct FsConfig {
 }
 
 pub struct MirrorFs {
+    core: Arc<Core>,
+}
+
+/// What serves requests; shared with a rescuer that answers a request
+/// again when its call on the primary hung (`engine::inline`).
+struct Core {
     engine: Arc<Engine>,
     nodes: Arc<Nodes>,
     files: Arc<Handles<OpenFile>>,
@@ -221,19 +257,54 @@ impl MirrorFs {
         let n = nodes.clone();
         engine.set_resolver(Box::new(move |ino| n.path(ino).ok()));
         Ok(MirrorFs {
-            nodes,
-            engine,
-            files: Arc::new(Handles::default()),
-            dirs: Handles::default(),
-            config,
+            core: Arc::new(Core {
+                nodes,
+                engine,
+                files: Arc::new(Handles::default()),
+                dirs: Handles::default(),
+                config,
+            }),
         })
     }
 
     /// The open files, for the resyncer.
     pub fn open_files(&self) -> OpenFiles {
-        OpenFiles::new(self.files.clone(), self.nodes.clone())
+        OpenFiles::new(self.core.files.clone(), self.core.nodes.clone())
     }
 
+    /// Serves one request: `handler` computes the answer, `finish` sends
+    /// it. The handler may run a second time, in a rescuer, if a call on
+    /// the primary hangs (it then finds the primary down and is served by
+    /// the mirror); it owns its arguments for that reason. `finish` runs
+    /// exactly once, with whichever answer comes first.
+    fn serve<R: Send + 'static, T: 'static>(
+        &self,
+        reply: R,
+        handler: impl Fn(&Core) -> io::Result<T> + Send + Sync + 'static,
+        finish: impl FnOnce(R, io::Result<T>) + Send + 'static,
+    ) {
+        let handler = Arc::new(handler);
+        let answer = Arc::new(Mutex::new(Some((reply, finish))));
+        let (core, h, a) = (self.core.clone(), handler.clone(), answer.clone());
+        let flight = Flight::new(Box::new(move |how| {
+            let r = match how {
+                Rescue::Rerun => h(&core),
+                Rescue::Fail(e) => Err(err(e)),
+            };
+            let taken = a.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some((reply, finish)) = taken {
+                finish(reply, r);
+            }
+        }));
+        let r = self.core.engine.serve(flight, || handler(&self.core));
+        let taken = answer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some((reply, finish)) = taken {
+            finish(reply, r);
+        }
+    }
+}
+
+impl Core {
     fn hidden(parent: u64, name: &OsStr) -> bool {
         parent == ROOT && name.as_bytes() == META_DIR.as_bytes()
     }
@@ -311,7 +382,7 @@ impl MirrorFs {
     #[allow(clippy::too_many_arguments)]
     fn do_setattr(
         &self,
-        caller: Caller,
+        caller: &Arc<Caller>,
         ino: u64,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -320,11 +391,10 @@ impl MirrorFs {
         atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
         fh: Option<FileHandle>,
+        now: SystemTime,
     ) -> io::Result<FileAttr> {
         self.writable()?;
         let target = Arc::new(self.target(ino, fh)?);
-        // "Now" is read once so both sides get the same timestamp.
-        let now = SystemTime::now();
         let (at, mt) = (set_time(atime, now), set_time(mtime, now));
         let path = match &*target {
             Target::Path(p) => Some(p.clone()),
@@ -334,7 +404,7 @@ impl MirrorFs {
         // A truncate by a caller without CAP_FSETID clears the set-ID bits
         // (KILLPRIV_V2 leaves it to us); an explicit mode wins.
         let truncates = size.is_some() && mode.is_none();
-        let caller = Arc::new(caller);
+        let caller = caller.clone();
         let st = self.engine.apply("setattr", subject, move |side, v| {
             // Owner first: chown clears set-ID bits, and an explicit mode in
             // the same request must win. Times last, after the size change
@@ -492,9 +562,10 @@ impl MirrorFs {
         Ok(self.files.insert(OpenFile::new(ino, fl & !libc::O_TRUNC, fds)))
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn do_create(
         &self,
-        req: &Request,
+        owner: Owner,
         parent: u64,
         name: &OsStr,
         mode: u32,
@@ -502,10 +573,6 @@ impl MirrorFs {
         flags: i32,
     ) -> io::Result<(FileAttr, u64)> {
         let path = self.new_path(parent, name)?;
-        let owner = Owner {
-            uid: req.uid(),
-            gid: req.gid(),
-        };
         let p = path.clone();
         let fl = backing_flags(flags) | (flags & (libc::O_EXCL | libc::O_TRUNC));
         let mode = mode & !umask & 0o7777;
@@ -533,15 +600,12 @@ impl MirrorFs {
     /// `kill_setid`: the kernel says the caller lacks CAP_FSETID and the
     /// file has set-ID bits (FUSE_WRITE_KILL_SUIDGID): they are cleared on
     /// each side after its write.
-    fn do_write(&self, fh: u64, offset: u64, data: &[u8], kill_setid: bool) -> io::Result<u32> {
+    fn do_write(&self, fh: u64, offset: u64, data: &Arc<PooledBuf>, kill_setid: bool) -> io::Result<u32> {
         self.writable()?;
         let file = self.files.get(fh)?;
         let ino = file.ino;
         let mirror_file = file.clone();
-        // Both halves run on the side lanes and may outlive this request if
-        // a side hangs, so they share one copy of the data.
-        let copy = Arc::new(PooledBuf::copy_of(data));
-        let mirror_copy = copy.clone();
+        let (copy, mirror_copy) = (data.clone(), data.clone());
         let mut pair = self.engine.change2(
             Subject::Inode(ino),
             move |_| write_on(&file, Side::Primary, &copy, offset, kill_setid),
@@ -590,26 +654,15 @@ impl MirrorFs {
         Ok(entries.clone())
     }
 
-    fn do_readdir(&self, fh: u64, offset: u64, reply: &mut ReplyDirectory) -> io::Result<()> {
+    /// The open directory's inode and its listing (read afresh at offset 0).
+    fn do_readdir(&self, fh: u64, offset: u64) -> io::Result<(u64, Vec<volume::DirEntry>)> {
         let dir = self.dirs.get(fh)?;
-        let entries = self.listing(&dir, offset)?;
-        let dots = [
-            (OsStr::new("."), FileType::Directory),
-            (OsStr::new(".."), FileType::Directory),
-        ];
-        let all = dots
-            .iter()
-            .map(|(n, k)| (dir.ino, *k, *n))
-            .chain(entries.iter().map(|e| (e.ino, dtype_kind(e.dtype), e.name.as_os_str())));
-        for (i, (ino, k, name)) in all.enumerate().skip(offset as usize) {
-            if reply.add(INodeNo(ino), i as u64 + 1, k, name) {
-                break;
-            }
-        }
-        Ok(())
+        Ok((dir.ino, self.listing(&dir, offset)?))
     }
 
-    fn do_readdirplus(&self, fh: u64, offset: u64, reply: &mut ReplyDirectoryPlus) -> io::Result<()> {
+    /// The entries from `offset` on with their attributes, at most
+    /// `PLUS_BATCH` of them (the kernel asks again for the rest).
+    fn do_readdirplus(&self, fh: u64, offset: u64) -> io::Result<Plus> {
         let dir = self.dirs.get(fh)?;
         let entries = self.listing(&dir, offset)?;
         let dpath = self.nodes.path(dir.ino)?;
@@ -617,16 +670,10 @@ impl MirrorFs {
         let dst = self
             .engine
             .read("readdirplus", Subject::Path(&dpath), move |_, v| v.lstat(&q))?;
-        let dattr = attr(dir.ino, &dst);
-        for i in offset as usize..entries.len() + 2 {
-            let off = i as u64 + 1;
-            if i < 2 {
-                // The kernel takes no lookup reference for "." and "..".
-                let name = if i == 0 { "." } else { ".." };
-                if reply.add(INodeNo(dir.ino), off, name, &TTL, &dattr, Generation(0)) {
-                    break;
-                }
-                continue;
+        let mut items = Vec::new();
+        for i in (offset as usize).max(2)..entries.len() + 2 {
+            if items.len() == PLUS_BATCH {
+                break;
             }
             let e = &entries[i - 2];
             let p = volume::child(&dpath, &e.name);
@@ -637,14 +684,33 @@ impl MirrorFs {
             }) else {
                 continue;
             };
-            let a = self.entry(dir.ino, &e.name, side, &st);
-            if reply.add(a.ino, off, &e.name, &TTL, &a, Generation(0)) {
-                // Not sent: give back the lookup reference `entry` took.
-                self.nodes.forget(a.ino.0, 1);
-                break;
+            items.push((i as u64 + 1, e.name.clone(), side, st));
+        }
+        Ok(Plus {
+            dir: dir.ino,
+            dattr: attr(dir.ino, &dst),
+            items,
+        })
+    }
+
+    /// Sends what `do_readdirplus` found; each entry sent takes a lookup
+    /// reference, as a lookup does.
+    fn fill_plus(&self, reply: &mut ReplyDirectoryPlus, offset: u64, plus: &Plus) {
+        for i in offset..2 {
+            // The kernel takes no lookup reference for "." and "..".
+            let name = if i == 0 { "." } else { ".." };
+            if reply.add(INodeNo(plus.dir), i + 1, name, &TTL, &plus.dattr, Generation(0)) {
+                return;
             }
         }
-        Ok(())
+        for (off, name, side, st) in &plus.items {
+            let a = self.entry(plus.dir, name, *side, st);
+            if reply.add(a.ino, *off, name, &TTL, &a, Generation(0)) {
+                // Not sent: give back the lookup reference `entry` took.
+                self.nodes.forget(a.ino.0, 1);
+                return;
+            }
+        }
     }
 
     fn do_statfs(&self) -> io::Result<(libc::statvfs, u64, u64, u64)> {
@@ -680,6 +746,13 @@ fn reply_xattr(reply: ReplyXattr, size: u32, r: io::Result<(Vec<u8>, usize)>) {
 fn reply_empty(reply: ReplyEmpty, r: io::Result<()>) {
     match r {
         Ok(()) => reply.ok(),
+        Err(e) => reply.error(errno(&e)),
+    }
+}
+
+fn reply_attr(reply: ReplyAttr, r: io::Result<FileAttr>) {
+    match r {
+        Ok(a) => reply.attr(&TTL, &a),
         Err(e) => reply.error(errno(&e)),
     }
 }
@@ -720,18 +793,16 @@ impl Filesystem for MirrorFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        reply_entry(reply, self.do_lookup(parent.0, name));
+        let name = name.to_os_string();
+        self.serve(reply, move |fs| fs.do_lookup(parent.0, &name), reply_entry);
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        self.nodes.forget(ino.0, nlookup);
+        self.core.nodes.forget(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.do_getattr(ino.0, fh) {
-            Ok(a) => reply.attr(&TTL, &a),
-            Err(e) => reply.error(errno(&e)),
-        }
+        self.serve(reply, move |fs| fs.do_getattr(ino.0, fh), reply_attr);
     }
 
     fn setattr(
@@ -752,17 +823,25 @@ impl Filesystem for MirrorFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        match self.do_setattr(Caller::of(req), ino.0, mode, uid, gid, size, atime, mtime, fh) {
-            Ok(a) => reply.attr(&TTL, &a),
-            Err(e) => reply.error(errno(&e)),
-        }
+        let caller = Arc::new(Caller::of(req));
+        // "Now" is read once, so that both sides, and a rescuer, set the same time.
+        let now = SystemTime::now();
+        self.serve(
+            reply,
+            move |fs| fs.do_setattr(&caller, ino.0, mode, uid, gid, size, atime, mtime, fh, now),
+            reply_attr,
+        );
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.do_readlink(ino.0) {
-            Ok(d) => reply.data(&d),
-            Err(e) => reply.error(errno(&e)),
-        }
+        self.serve(
+            reply,
+            move |fs| fs.do_readlink(ino.0),
+            |reply, r| match r {
+                Ok(d) => reply.data(&d),
+                Err(e) => reply.error(errno(&e)),
+            },
+        );
     }
 
     fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
@@ -771,11 +850,15 @@ impl Filesystem for MirrorFs {
             gid: req.gid(),
         };
         let mode = (mode & libc::S_IFMT) | (mode & !umask & 0o7777);
-        reply_entry(
+        let name = name.to_os_string();
+        self.serve(
             reply,
-            self.make("mknod", parent.0, name, move |v, p| {
-                v.mknod(p, mode, rdev as u64, owner)
-            }),
+            move |fs| {
+                fs.make("mknod", parent.0, &name, move |v, p| {
+                    v.mknod(p, mode, rdev as u64, owner)
+                })
+            },
+            reply_entry,
         );
     }
 
@@ -785,18 +868,22 @@ impl Filesystem for MirrorFs {
             gid: req.gid(),
         };
         let mode = mode & !umask & 0o7777;
-        reply_entry(
+        let name = name.to_os_string();
+        self.serve(
             reply,
-            self.make("mkdir", parent.0, name, move |v, p| v.mkdir(p, mode, owner)),
+            move |fs| fs.make("mkdir", parent.0, &name, move |v, p| v.mkdir(p, mode, owner)),
+            reply_entry,
         );
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(reply, self.do_unlink(parent.0, name, false));
+        let name = name.to_os_string();
+        self.serve(reply, move |fs| fs.do_unlink(parent.0, &name, false), reply_empty);
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(reply, self.do_unlink(parent.0, name, true));
+        let name = name.to_os_string();
+        self.serve(reply, move |fs| fs.do_unlink(parent.0, &name, true), reply_empty);
     }
 
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
@@ -805,9 +892,14 @@ impl Filesystem for MirrorFs {
             gid: req.gid(),
         };
         let target = target.as_os_str().to_os_string();
-        reply_entry(
+        let name = link_name.to_os_string();
+        self.serve(
             reply,
-            self.make("symlink", parent.0, link_name, move |v, p| v.symlink(&target, p, owner)),
+            move |fs| {
+                let target = target.clone();
+                fs.make("symlink", parent.0, &name, move |v, p| v.symlink(&target, p, owner))
+            },
+            reply_entry,
         );
     }
 
@@ -821,24 +913,33 @@ impl Filesystem for MirrorFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        reply_empty(
+        let (name, newname, flags) = (name.to_os_string(), newname.to_os_string(), flags.bits());
+        self.serve(
             reply,
-            self.do_rename(parent.0, name, newparent.0, newname, flags.bits()),
+            move |fs| fs.do_rename(parent.0, &name, newparent.0, &newname, flags),
+            reply_empty,
         );
     }
 
     fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
-        reply_entry(
+        let newname = newname.to_os_string();
+        self.serve(
             reply,
-            self.writable().and_then(|_| self.do_link(ino.0, newparent.0, newname)),
+            move |fs| fs.writable().and_then(|_| fs.do_link(ino.0, newparent.0, &newname)),
+            reply_entry,
         );
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.do_open(ino.0, flags.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
-            Err(e) => reply.error(errno(&e)),
-        }
+        let flags = flags.0;
+        self.serve(
+            reply,
+            move |fs| fs.do_open(ino.0, flags),
+            |reply, r| match r {
+                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+                Err(e) => reply.error(errno(&e)),
+            },
+        );
     }
 
     fn read(
@@ -852,10 +953,14 @@ impl Filesystem for MirrorFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.do_read(fh.0, offset, size) {
-            Ok(buf) => reply.data(&buf),
-            Err(e) => reply.error(errno(&e)),
-        }
+        self.serve(
+            reply,
+            move |fs| fs.do_read(fh.0, offset, size),
+            |reply, r| match r {
+                Ok(buf) => reply.data(&buf),
+                Err(e) => reply.error(errno(&e)),
+            },
+        );
     }
 
     fn write(
@@ -871,16 +976,24 @@ impl Filesystem for MirrorFs {
         reply: ReplyWrite,
     ) {
         let kill_setid = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
-        match self.do_write(fh.0, offset, data, kill_setid) {
-            Ok(n) => reply.written(n),
-            Err(e) => reply.error(errno(&e)),
-        }
+        // The mirror's half may outlive this request if the mirror hangs,
+        // and a rescuer may need the data again: one pooled copy serves all.
+        let data = Arc::new(PooledBuf::copy_of(data));
+        self.serve(
+            reply,
+            move |fs| fs.do_write(fh.0, offset, &data, kill_setid),
+            |reply, r| match r {
+                Ok(n) => reply.written(n),
+                Err(e) => reply.error(errno(&e)),
+            },
+        );
     }
 
     fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
-        reply_empty(
+        self.serve(
             reply,
-            self.on_handle("flush", fh.0, |f, side| volume::flush(f.fd(side)?.as_fd())),
+            move |fs| fs.on_handle("flush", fh.0, |f, side| volume::flush(f.fd(side)?.as_fd())),
+            reply_empty,
         );
     }
 
@@ -894,81 +1007,108 @@ impl Filesystem for MirrorFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        if let Some(f) = self.files.remove(fh.0) {
+        let core = &self.core;
+        if let Some(f) = core.files.remove(fh.0) {
             // Each side's fd is closed on that side's lane: a close on a hung
             // side blocks, and must not block this thread.
             match Arc::try_unwrap(f) {
                 Ok(file) => {
                     for side in Side::BOTH {
                         if let Some(fd) = file.take_fd(side) {
-                            self.engine.close_on(side, fd);
+                            core.engine.close_on(side, fd);
                         }
                     }
                 }
-                Err(shared) => self.engine.retire(shared),
+                Err(shared) => core.engine.retire(shared),
             }
         }
         reply.ok();
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
-        reply_empty(
+        self.serve(
             reply,
-            self.on_handle("fsync", fh.0, move |f, side| {
-                volume::fsync(f.fd(side)?.as_fd(), datasync)
-            }),
+            move |fs| {
+                fs.on_handle("fsync", fh.0, move |f, side| {
+                    volume::fsync(f.fd(side)?.as_fd(), datasync)
+                })
+            },
+            reply_empty,
         );
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.do_opendir(ino.0) {
+        match self.core.do_opendir(ino.0) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(errno(&e)),
         }
     }
 
-    fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        match self.do_readdir(fh.0, offset, &mut reply) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
-        }
+    fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, reply: ReplyDirectory) {
+        self.serve(
+            reply,
+            move |fs| fs.do_readdir(fh.0, offset),
+            move |mut reply, r| match r {
+                Ok((dir, entries)) => {
+                    fill_readdir(&mut reply, dir, &entries, offset);
+                    reply.ok()
+                }
+                Err(e) => reply.error(errno(&e)),
+            },
+        );
     }
 
-    fn readdirplus(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
-        match self.do_readdirplus(fh.0, offset, &mut reply) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
-        }
+    fn readdirplus(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, reply: ReplyDirectoryPlus) {
+        let core = self.core.clone();
+        self.serve(
+            reply,
+            move |fs| fs.do_readdirplus(fh.0, offset),
+            move |mut reply, r| match r {
+                Ok(plus) => {
+                    core.fill_plus(&mut reply, offset, &plus);
+                    reply.ok()
+                }
+                Err(e) => reply.error(errno(&e)),
+            },
+        );
     }
 
     fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
-        self.dirs.remove(fh.0);
+        self.core.dirs.remove(fh.0);
         reply.ok();
     }
 
     fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
-        let r = self.nodes.path(ino.0).and_then(|p| {
-            let q = p.clone();
-            self.engine
-                .apply("fsyncdir", Subject::Path(&p), move |_, v| v.fsync_path(&q, datasync))
-        });
-        reply_empty(reply, r);
+        self.serve(
+            reply,
+            move |fs| {
+                let p = fs.nodes.path(ino.0)?;
+                let q = p.clone();
+                fs.engine
+                    .apply("fsyncdir", Subject::Path(&p), move |_, v| v.fsync_path(&q, datasync))
+            },
+            reply_empty,
+        );
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        match self.do_statfs() {
-            Ok((st, bfree, bavail, ffree)) => reply.statfs(
-                st.f_blocks,
-                bfree,
-                bavail,
-                st.f_files,
-                ffree,
-                st.f_bsize as u32,
-                st.f_namemax as u32,
-                st.f_frsize as u32,
-            ),
-            Err(e) => reply.error(errno(&e)),
-        }
+        self.serve(
+            reply,
+            |fs| fs.do_statfs(),
+            |reply, r| match r {
+                Ok((st, bfree, bavail, ffree)) => reply.statfs(
+                    st.f_blocks,
+                    bfree,
+                    bavail,
+                    st.f_files,
+                    ffree,
+                    st.f_bsize as u32,
+                    st.f_namemax as u32,
+                    st.f_frsize as u32,
+                ),
+                Err(e) => reply.error(errno(&e)),
+            },
+        );
     }
 
     fn setxattr(
@@ -981,48 +1121,69 @@ impl Filesystem for MirrorFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        let r = self.writable().and_then(|_| self.xattr_target(ino.0)).and_then(|p| {
-            let (q, name, value) = (p.clone(), name.to_os_string(), value.to_vec());
-            self.engine.apply("setxattr", Subject::Path(&p), move |_, v| {
-                v.setxattr(&q, &name, &value, flags)
-            })
-        });
-        reply_empty(reply, r);
+        let (name, value) = (Arc::new(name.to_os_string()), Arc::new(value.to_vec()));
+        self.serve(
+            reply,
+            move |fs| {
+                fs.writable()?;
+                let p = fs.xattr_target(ino.0)?;
+                let (q, name, value) = (p.clone(), name.clone(), value.clone());
+                fs.engine.apply("setxattr", Subject::Path(&p), move |_, v| {
+                    v.setxattr(&q, &name, &value, flags)
+                })
+            },
+            reply_empty,
+        );
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let r = self.xattr_target(ino.0).and_then(|p| {
-            let (q, name) = (p.clone(), name.to_os_string());
-            self.engine.read("getxattr", Subject::Path(&p), move |_, v| {
-                v.getxattr(&q, &name, size as usize)
-            })
-        });
-        reply_xattr(reply, size, r);
+        let name = Arc::new(name.to_os_string());
+        self.serve(
+            reply,
+            move |fs| {
+                let p = fs.xattr_target(ino.0)?;
+                let (q, name) = (p.clone(), name.clone());
+                fs.engine.read("getxattr", Subject::Path(&p), move |_, v| {
+                    v.getxattr(&q, &name, size as usize)
+                })
+            },
+            move |reply, r| reply_xattr(reply, size, r),
+        );
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let r = self.xattr_target(ino.0).and_then(|p| {
-            let q = p.clone();
-            self.engine.read("listxattr", Subject::Path(&p), move |_, v| {
-                v.listxattr(&q, size as usize)
-            })
-        });
-        reply_xattr(reply, size, r);
+        self.serve(
+            reply,
+            move |fs| {
+                let p = fs.xattr_target(ino.0)?;
+                let q = p.clone();
+                fs.engine.read("listxattr", Subject::Path(&p), move |_, v| {
+                    v.listxattr(&q, size as usize)
+                })
+            },
+            move |reply, r| reply_xattr(reply, size, r),
+        );
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let r = self.writable().and_then(|_| self.xattr_target(ino.0)).and_then(|p| {
-            let (q, name) = (p.clone(), name.to_os_string());
-            self.engine
-                .apply("removexattr", Subject::Path(&p), move |_, v| v.removexattr(&q, &name))
-        });
-        reply_empty(reply, r);
+        let name = Arc::new(name.to_os_string());
+        self.serve(
+            reply,
+            move |fs| {
+                fs.writable()?;
+                let p = fs.xattr_target(ino.0)?;
+                let (q, name) = (p.clone(), name.clone());
+                fs.engine
+                    .apply("removexattr", Subject::Path(&p), move |_, v| v.removexattr(&q, &name))
+            },
+            reply_empty,
+        );
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
         // The mount always uses default_permissions, so the kernel checks
         // permissions; this only confirms the entry still exists.
-        reply_empty(reply, self.do_getattr(ino.0, None).map(drop));
+        self.serve(reply, move |fs| fs.do_getattr(ino.0, None).map(drop), reply_empty);
     }
 
     fn create(
@@ -1035,10 +1196,19 @@ impl Filesystem for MirrorFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        match self.do_create(req, parent.0, name, mode, umask, flags) {
-            Ok((a, fh)) => reply.created(&TTL, &a, Generation(0), FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
-            Err(e) => reply.error(errno(&e)),
-        }
+        let owner = Owner {
+            uid: req.uid(),
+            gid: req.gid(),
+        };
+        let name = name.to_os_string();
+        self.serve(
+            reply,
+            move |fs| fs.do_create(owner, parent.0, &name, mode, umask, flags),
+            |reply, r| match r {
+                Ok((a, fh)) => reply.created(&TTL, &a, Generation(0), FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+                Err(e) => reply.error(errno(&e)),
+            },
+        );
     }
 
     fn fallocate(
@@ -1051,25 +1221,33 @@ impl Filesystem for MirrorFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let r = self.writable().and_then(|_| {
-            self.on_handle("fallocate", fh.0, move |f, side| {
-                volume::fallocate(f.fd(side)?.as_fd(), mode, offset, length)
-            })
-        });
-        reply_empty(reply, r);
+        self.serve(
+            reply,
+            move |fs| {
+                fs.writable()?;
+                fs.on_handle("fallocate", fh.0, move |f, side| {
+                    volume::fallocate(f.fd(side)?.as_fd(), mode, offset, length)
+                })
+            },
+            reply_empty,
+        );
     }
 
     fn lseek(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
-        let r = self.files.get(fh.0).and_then(|f| {
-            let ino = f.ino;
-            self.engine.read("lseek", Subject::Inode(ino), move |side, _| {
-                volume::lseek(f.fd(side)?.as_fd(), offset, whence)
-            })
-        });
-        match r {
-            Ok(o) => reply.offset(o),
-            Err(e) => reply.error(errno(&e)),
-        }
+        self.serve(
+            reply,
+            move |fs| {
+                let f = fs.files.get(fh.0)?;
+                let ino = f.ino;
+                fs.engine.read("lseek", Subject::Inode(ino), move |side, _| {
+                    volume::lseek(f.fd(side)?.as_fd(), offset, whence)
+                })
+            },
+            |reply, r| match r {
+                Ok(o) => reply.offset(o),
+                Err(e) => reply.error(errno(&e)),
+            },
+        );
     }
 
     fn copy_file_range(
@@ -1085,22 +1263,27 @@ impl Filesystem for MirrorFs {
         flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
-        let r = self.writable().and_then(|_| self.files.get(fh_in.0)).and_then(|fin| {
-            let flags = flags.bits() as u32;
-            self.on_handle("copy_file_range", fh_out.0, move |fout, side| {
-                volume::copy_file_range(
-                    fin.fd(side)?.as_fd(),
-                    offset_in,
-                    fout.fd(side)?.as_fd(),
-                    offset_out,
-                    len,
-                    flags,
-                )
-            })
-        });
-        match r {
-            Ok(n) => reply.written(n as u32),
-            Err(e) => reply.error(errno(&e)),
-        }
+        let flags = flags.bits() as u32;
+        self.serve(
+            reply,
+            move |fs| {
+                fs.writable()?;
+                let fin = fs.files.get(fh_in.0)?;
+                fs.on_handle("copy_file_range", fh_out.0, move |fout, side| {
+                    volume::copy_file_range(
+                        fin.fd(side)?.as_fd(),
+                        offset_in,
+                        fout.fd(side)?.as_fd(),
+                        offset_out,
+                        len,
+                        flags,
+                    )
+                })
+            },
+            |reply, r| match r {
+                Ok(n) => reply.written(n as u32),
+                Err(e) => reply.error(errno(&e)),
+            },
+        );
     }
 }

@@ -22,6 +22,7 @@
 pub mod bufpool;
 pub mod gate;
 pub mod handoff;
+pub mod inline;
 pub mod resolve;
 pub mod sideio;
 
@@ -54,6 +55,10 @@ pub enum Effect {
 
 /// The operation named when writing the write-intent record fails.
 const OP_INTENT: &str = "intent";
+/// The operations named for a change, or an open, whose primary half hung
+/// in the FUSE thread (the watchdog knows no more of it).
+const OP_CHANGE: &str = "change";
+const OP_OPEN: &str = "open";
 
 /// The errno of a call on a side through an open handle that has no fd
 /// there (the side was out of service when the file was opened, and the
@@ -116,6 +121,10 @@ pub struct EngineConfig {
     pub policy: Policy,
     /// Worker threads per side.
     pub threads: usize,
+    /// FUSE threads that may run the primary's half inline, and how many
+    /// of them may be inside such a call at once (`inline`).
+    pub inline_threads: usize,
+    pub inline_budget: usize,
 }
 
 /// The engine. One per mount.
@@ -124,6 +133,7 @@ pub struct Engine {
     pub health: Arc<Health>,
     pub events: Arc<Events>,
     lanes: [Lane; 2],
+    watch: Arc<inline::Watch>,
     config: EngineConfig,
     on_down: Option<OnDown>,
     /// Held while a side goes down and its absence is recorded; an operation
@@ -183,6 +193,11 @@ impl Engine {
                 Lane::start("primary", config.threads)?,
                 Lane::start("mirror", config.threads)?,
             ],
+            watch: Arc::new(inline::Watch::new(
+                config.inline_threads,
+                config.inline_budget,
+                config.side_timeout,
+            )),
             config,
             on_down: None,
             transition: Mutex::new(()),
@@ -410,6 +425,43 @@ impl Engine {
         }
     }
 
+    /// Whether `side` is asked to do an operation with `effect`: a change
+    /// also goes to a side being resynced; anything else does not.
+    fn serves(&self, side: Side, effect: Effect) -> bool {
+        match effect {
+            Effect::Changes => self.health.takes_changes(side),
+            Effect::Opens => self.health.is_up(side),
+        }
+    }
+
+    /// Serves one request in this thread (a FUSE thread): the primary's
+    /// half of its operations may run inline, and if one hangs past
+    /// `side_timeout`, `flight`'s rescue job answers it from the mirror.
+    pub fn serve<R>(&self, flight: Arc<inline::Flight>, f: impl FnOnce() -> R) -> R {
+        self.watch.serve(flight, f)
+    }
+
+    /// Starts the watchdog of inline calls; until then every side call
+    /// goes to a lane. A primary call that hangs while the mirror is up is
+    /// taken down (ETIMEDOUT) and its request answered again from the
+    /// mirror (`noswitch`: EIO).
+    pub fn start_watchdog(self: &Arc<Engine>) -> io::Result<()> {
+        self.watch.clone().run(Arc::downgrade(self), |engine: &Engine, op| {
+            if !engine.health.is_up(Side::Mirror) {
+                return None; // the last side up has no deadline
+            }
+            engine.health.count_error(Side::Primary, op);
+            engine.side_failed(Side::Primary, op, Some(libc::ETIMEDOUT), Subject::Mount);
+            if engine.health.is_up(Side::Primary) {
+                return None;
+            }
+            Some(match engine.config.policy {
+                Policy::NoSwitch => inline::Rescue::Fail(libc::EIO),
+                Policy::Switch => inline::Rescue::Rerun,
+            })
+        })
+    }
+
     /// Queues `f` on `side`'s lane; false if the side is out of service.
     /// A change also goes to a side being resynced; anything else does not.
     fn dispatch<T: Send + 'static>(
@@ -467,19 +519,23 @@ impl Engine {
         r
     }
 
-    /// Collects the results of the sides in `asked`. While both are asked,
-    /// the first to answer gives the other `side_timeout` from the start;
-    /// one that has not answered by then gets ETIMEDOUT.
+    /// Collects the results of the sides in `waiting` into `out` (which
+    /// may already hold a side's result). While both sides are in play, the
+    /// first to answer gives the other `side_timeout` from `start`; one that
+    /// has not answered by then gets ETIMEDOUT. A side asked alone (the
+    /// other is down) has no deadline: the last side's slowness is the
+    /// caller's.
     fn gather<T>(
         &self,
         rx: handoff::Receiver<(Side, Option<io::Result<T>>)>,
-        asked: [bool; 2],
+        mut out: [Option<io::Result<T>>; 2],
+        mut waiting: [bool; 2],
+        start: Instant,
     ) -> [Option<io::Result<T>>; 2] {
-        let mut out: [Option<io::Result<T>>; 2] = [None, None];
-        let mut waiting = asked;
-        let deadline = Instant::now() + self.config.side_timeout;
+        let both = [0, 1].map(|i| waiting[i] || out[i].is_some());
+        let deadline = start + self.config.side_timeout;
         while waiting.iter().any(|w| *w) {
-            let got = if waiting[0] && waiting[1] || asked[0] && asked[1] {
+            let got = if both[0] && both[1] {
                 match rx.recv_deadline(deadline) {
                     Err(RecvTimeoutError::Timeout) if waiting[0] && waiting[1] => {
                         // Neither answered in time: the first to answer
@@ -514,7 +570,18 @@ impl Engine {
     }
 
     /// Runs a read on one side; a side that went down meanwhile is `None`.
-    fn read_on<T: Send + 'static>(&self, side: Side, f: &ReadFn<T>) -> Option<io::Result<T>> {
+    fn read_on<T: Send + 'static>(&self, op: &'static str, side: Side, f: &ReadFn<T>) -> Option<io::Result<T>> {
+        if side == Side::Primary
+            && let Some(inside) = self.watch.enter(op)
+        {
+            let r = match self.volume(side) {
+                Ok(v) if self.health.is_up(side) => Some(f(side, &v)),
+                _ => None,
+            };
+            // Rescued meanwhile: the rescuer answers (`read` checks).
+            inside.finish();
+            return r;
+        }
         let (tx, rx) = handoff::channel();
         let g = f.clone();
         let asked = self.dispatch(side, Effect::Opens, move |v| g(side, v), tx);
@@ -546,7 +613,12 @@ impl Engine {
         }
         let f: ReadFn<T> = Arc::new(f);
         let side = self.reader();
-        match self.read_on(side, &f) {
+        let first = self.read_on(op, side, &f);
+        if inline::abandoned() {
+            // The watchdog took this request over; the rescuer answers.
+            return Err(eio());
+        }
+        match first {
             Some(Err(e)) if side == Side::Primary && is_side_failure(raw(&e)) => {
                 self.health.count_error(Side::Primary, op);
                 self.side_failed(Side::Primary, op, Some(raw(&e)), subject);
@@ -557,7 +629,7 @@ impl Engine {
                         e
                     });
                 }
-                self.read_on(Side::Mirror, &f).unwrap_or_else(|| Err(eio()))
+                self.read_on(op, Side::Mirror, &f).unwrap_or_else(|| Err(eio()))
             }
             Some(Err(e)) => {
                 if is_side_failure(raw(&e)) {
@@ -569,7 +641,7 @@ impl Engine {
             // The primary went down while the read was queued.
             None if side == Side::Primary => {
                 self.transitions_recorded();
-                self.read_on(Side::Mirror, &f).unwrap_or_else(|| Err(eio()))
+                self.read_on(op, Side::Mirror, &f).unwrap_or_else(|| Err(eio()))
             }
             None => Err(eio()),
         }
@@ -633,7 +705,48 @@ impl Engine {
         if effect == Effect::Changes && self.changes_refused() {
             return refused;
         }
-        let pass = self.gate.pass();
+        let flight = inline::current();
+        type Rx<T> = handoff::Receiver<(Side, Option<io::Result<T>>)>;
+        // A rescuer serving this request again takes over what the hung
+        // thread holds: the pass, and the mirror's half if it was under way
+        // (it is never run twice).
+        let pass = match flight.as_ref().filter(|_| inline::rescuing()) {
+            Some(f) => {
+                let pass = f.take_pass().unwrap_or_else(|| self.gate.pass());
+                if let Some(rx) = f.take_mirror::<Rx<T>>() {
+                    return Pair {
+                        results: self.gather(rx, [None, None], [false, true], Instant::now()),
+                        refused: false,
+                        effect,
+                        pass: Some(pass),
+                    };
+                }
+                pass
+            }
+            None => self.gate.pass(),
+        };
+        let start = Instant::now();
+        // The primary's half runs in this thread when it may (see `inline`):
+        // from the write-intent record to its result, under the watchdog.
+        let inside = if self.serves(Side::Primary, effect) {
+            self.watch
+                .enter(if effect == Effect::Changes { OP_CHANGE } else { OP_OPEN })
+        } else {
+            None
+        };
+        let pass = match &inside {
+            Some(i) => {
+                i.flight.park_pass(pass);
+                None
+            }
+            None => Some(pass),
+        };
+        let abandoned = |effect| Pair {
+            results: [None, None],
+            refused: true,
+            effect,
+            pass: None,
+        };
         if effect == Effect::Changes
             && let Some(intent) = self.intent()
             && Side::BOTH.iter().all(|s| self.health.takes_changes(*s))
@@ -648,20 +761,48 @@ impl Engine {
                 log::error!("side=primary cannot write the write-intent record: {e}");
                 self.health.count_error(Side::Primary, OP_INTENT);
                 if !is_side_failure(errno) || !self.side_failed(Side::Primary, OP_INTENT, Some(errno), subject) {
+                    if let Some(i) = inside {
+                        let f = i.flight.clone();
+                        if !i.finish() {
+                            return abandoned(effect);
+                        }
+                        drop(f.take_pass());
+                    }
                     return refused;
                 }
             }
         }
         let (tx, rx) = handoff::channel();
-        let asked = [
-            self.dispatch(Side::Primary, effect, pf, tx.clone()),
-            self.dispatch(Side::Mirror, effect, mf, tx),
-        ];
+        let mirror = self.dispatch(Side::Mirror, effect, mf, tx.clone());
+        let Some(inside) = inside else {
+            let primary = self.dispatch(Side::Primary, effect, pf, tx);
+            return Pair {
+                results: self.gather(rx, [None, None], [primary, mirror], start),
+                refused: false,
+                effect,
+                pass,
+            };
+        };
+        drop(tx);
+        let flight = inside.flight.clone();
+        flight.park_mirror(rx);
+        // Checked again: the primary may have gone down meanwhile.
+        let p = match self.volume(Side::Primary) {
+            Ok(v) if self.serves(Side::Primary, effect) => Some(pf(&v)),
+            _ => None,
+        };
+        if !inside.finish() {
+            // Rescued: the rescuer answers; this result is dropped.
+            return abandoned(effect);
+        }
+        let (Some(rx), pass) = (flight.take_mirror::<Rx<T>>(), flight.take_pass()) else {
+            return abandoned(effect);
+        };
         Pair {
-            results: self.gather(rx, asked),
+            results: self.gather(rx, [p, None], [false, mirror], start),
             refused: false,
             effect,
-            pass: Some(pass),
+            pass,
         }
     }
 
@@ -817,6 +958,8 @@ mod engine_tests {
                 side_timeout: timeout,
                 policy: Policy::Switch,
                 threads: 2,
+                inline_threads: 2,
+                inline_budget: 1,
             },
         )
         .unwrap()
