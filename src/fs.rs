@@ -472,11 +472,11 @@ impl Core {
     ) -> io::Result<FileAttr> {
         let path = self.new_path(parent, name)?;
         let p = path.clone();
-        let mut pair = self.engine.change(Subject::Path(&path), move |_, v| {
+        let mut pair = self.engine.change(Subject::Entry(&path), move |_, v| {
             f(v, &p)?;
             v.lstat(&p)
         });
-        let side = self.engine.settle(op, Subject::Path(&path), &pair)?;
+        let side = self.engine.settle(op, Subject::Entry(&path), &pair)?;
         let st = pair.take_ok(side).ok_or_else(|| err(libc::EIO))?;
         Ok(self.entry(parent, name, side, &st))
     }
@@ -488,7 +488,7 @@ impl Core {
         let op = if dir { "rmdir" } else { "unlink" };
         self.engine.apply(
             op,
-            Subject::Path(&path),
+            Subject::Entry(&path),
             move |_, v| {
                 if dir { v.rmdir(&p) } else { v.unlink(&p) }
             },
@@ -524,12 +524,12 @@ impl Core {
     fn open_both(
         &self,
         op: &str,
-        path: &Path,
+        subject: Subject,
         effect: Effect,
         f: impl Fn(&Volume) -> io::Result<(std::os::fd::OwnedFd, Stat)> + Send + Sync + 'static,
     ) -> io::Result<(Side, Stat, [Option<std::os::fd::OwnedFd>; 2], Option<Pass>)> {
-        let mut pair = self.engine.each(effect, Subject::Path(path), move |_, v| f(v));
-        let side = self.engine.settle(op, Subject::Path(path), &pair)?;
+        let mut pair = self.engine.each(effect, subject, move |_, v| f(v));
+        let side = self.engine.settle(op, subject, &pair)?;
         let pass = pair.take_pass();
         let mut fds = [None, None];
         let mut stat = None;
@@ -554,7 +554,7 @@ impl Core {
         let path = self.nodes.path(ino)?;
         let p = path.clone();
         let fl = backing_flags(flags);
-        let (_, _, fds, _pass) = self.open_both("open", &path, effect, move |v| {
+        let (_, _, fds, _pass) = self.open_both("open", Subject::Path(&path), effect, move |v| {
             let fd = v.open_file(&p, fl)?;
             let st = volume::fstat(std::os::fd::AsFd::as_fd(&fd))?;
             Ok((fd, st))
@@ -576,7 +576,7 @@ impl Core {
         let p = path.clone();
         let fl = backing_flags(flags) | (flags & (libc::O_EXCL | libc::O_TRUNC));
         let mode = mode & !umask & 0o7777;
-        let (side, st, fds, _pass) = self.open_both("create", &path, Effect::Changes, move |v| {
+        let (side, st, fds, _pass) = self.open_both("create", Subject::Entry(&path), Effect::Changes, move |v| {
             let (fd, _) = v.create(&p, fl, mode, owner)?;
             let st = volume::fstat(std::os::fd::AsFd::as_fd(&fd))?;
             Ok((fd, st))

@@ -9,14 +9,14 @@
 //! File format: one path per line; `\` and newline in a name are escaped as
 //! `\\` and `\n`, every other byte is written as is.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 /// The missed-change journal of a side, kept on the side that is up.
 pub const JOURNAL: &str = "journal";
@@ -84,14 +84,27 @@ pub fn read_paths(file: &Path) -> io::Result<BTreeSet<PathBuf>> {
 }
 
 struct Inner {
-    file: Option<File>,
+    file: Option<Arc<File>>,
+    /// Paths on disk.
     seen: BTreeSet<PathBuf>,
+    /// Paths appended but not yet synced, with their append's number.
+    pending: BTreeMap<PathBuf, u64>,
+    /// Appends made, and appends known durable.
+    written: u64,
+    synced: u64,
+    /// A caller is in `fdatasync` for everyone.
+    syncing: bool,
 }
 
 /// A durable, deduplicated set of paths in one file.
+///
+/// Concurrent callers share their `fdatasync`s (group commit): each
+/// appends under the lock, then one of them syncs for all that appended
+/// before it, while the next ones append behind it.
 pub struct PathLog {
     path: PathBuf,
     inner: Mutex<Inner>,
+    synced: Condvar,
 }
 
 impl PathLog {
@@ -100,7 +113,15 @@ impl PathLog {
         let seen = read_paths(&path)?;
         Ok(PathLog {
             path,
-            inner: Mutex::new(Inner { file: None, seen }),
+            inner: Mutex::new(Inner {
+                file: None,
+                seen,
+                pending: BTreeMap::new(),
+                written: 0,
+                synced: 0,
+                syncing: false,
+            }),
+            synced: Condvar::new(),
         })
     }
 
@@ -109,44 +130,87 @@ impl PathLog {
     }
 
     /// Records `paths` durably; returns once they are on disk. Paths already
-    /// recorded cost nothing. The lock is held across the append so that a
-    /// second caller with the same path does not answer before it is durable.
+    /// recorded cost nothing; a path another caller has appended and not
+    /// yet synced waits for that sync, so nobody answers before its path is
+    /// durable.
     pub fn record(&self, paths: &[&Path]) -> io::Result<()> {
         let mut inner = self.lock();
         let mut buf = Vec::new();
+        let mut need = 0;
+        let mut new = Vec::new();
         for p in paths {
-            if !inner.seen.contains(*p) {
-                encode(p, &mut buf);
+            if inner.seen.contains(*p) {
+                continue;
+            }
+            match inner.pending.get(*p) {
+                Some(seq) => need = need.max(*seq),
+                None if !new.contains(p) => {
+                    encode(p, &mut buf);
+                    new.push(*p);
+                }
+                None => {}
             }
         }
-        if buf.is_empty() {
-            return Ok(());
-        }
-        if inner.file.is_none() {
-            let f = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .mode(0o600)
-                .open(&self.path)?;
-            // A new file must survive a crash: its directory entry too.
-            if let Some(dir) = self.path.parent() {
-                File::open(dir)?.sync_all()?;
+        if !buf.is_empty() {
+            if inner.file.is_none() {
+                let f = OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .mode(0o600)
+                    .open(&self.path)?;
+                // A new file must survive a crash: its directory entry too.
+                if let Some(dir) = self.path.parent() {
+                    File::open(dir)?.sync_all()?;
+                }
+                inner.file = Some(Arc::new(f));
             }
-            inner.file = Some(f);
+            let f = inner
+                .file
+                .clone()
+                .ok_or_else(|| io::Error::from_raw_os_error(libc::EIO))?;
+            (&*f).write_all(&buf)?;
+            inner.written += 1;
+            let seq = inner.written;
+            for p in new {
+                inner.pending.insert(p.to_path_buf(), seq);
+            }
+            need = seq;
         }
-        let f = inner
-            .file
-            .as_mut()
-            .ok_or_else(|| io::Error::from_raw_os_error(libc::EIO))?;
-        f.write_all(&buf)?;
-        f.sync_data()?;
-        for p in paths {
-            inner.seen.insert(p.to_path_buf());
+        while need > inner.synced {
+            if inner.syncing {
+                inner = self.synced.wait(inner).unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
+            let Some(f) = inner.file.clone() else {
+                // Cleared meanwhile: nothing left to make durable.
+                return Ok(());
+            };
+            inner.syncing = true;
+            let upto = inner.written;
+            drop(inner);
+            let r = f.sync_data();
+            inner = self.lock();
+            inner.syncing = false;
+            if r.is_ok() {
+                inner.synced = inner.synced.max(upto);
+                let durable: Vec<PathBuf> = inner
+                    .pending
+                    .iter()
+                    .filter(|(_, s)| **s <= upto)
+                    .map(|(p, _)| p.clone())
+                    .collect();
+                for p in durable {
+                    inner.pending.remove(&p);
+                    inner.seen.insert(p);
+                }
+            }
+            self.synced.notify_all();
+            r?;
         }
         Ok(())
     }
 
-    /// The first path recorded, in path order (a parent before its children).
+    /// The first path recorded, in path order.
     pub fn first(&self) -> Option<PathBuf> {
         self.lock().seen.first().cloned()
     }
@@ -180,6 +244,7 @@ impl PathLog {
         let mut inner = self.lock();
         inner.file = None;
         inner.seen.clear();
+        inner.pending.clear();
         match fs::remove_file(&self.path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -271,6 +336,35 @@ impl Intent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn concurrent_records_share_syncs_and_all_land() {
+        let t = tempfile::tempdir().unwrap();
+        let log = Arc::new(PathLog::open(t.path().join("j")).unwrap());
+        let threads: Vec<_> = (0..8)
+            .map(|i| {
+                let log = log.clone();
+                std::thread::spawn(move || {
+                    for k in 0..50 {
+                        let own = PathBuf::from(format!("t{i}/f{k}"));
+                        // Every thread also records one shared path, often
+                        // while another has it appended but not yet synced.
+                        log.record(&[&own, Path::new("shared")]).unwrap();
+                        assert!(log.contains(&own) && log.contains(Path::new("shared")));
+                    }
+                })
+            })
+            .collect();
+        for th in threads {
+            th.join().unwrap();
+        }
+        assert_eq!(log.len(), 8 * 50 + 1);
+        let on_disk = read_paths(&t.path().join("j")).unwrap();
+        assert_eq!(on_disk, log.paths());
+        let text = fs::read(t.path().join("j")).unwrap();
+        let shared = text.split(|b| *b == b'\n').filter(|l| *l == b"shared").count();
+        assert_eq!(shared, 1, "a path is appended once");
+    }
 
     #[test]
     fn paths_round_trip_with_odd_bytes() {

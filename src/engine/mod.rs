@@ -97,6 +97,9 @@ impl<T> Pair<T> {
 #[derive(Clone, Copy, Debug)]
 pub enum Subject<'a> {
     Path(&'a Path),
+    /// A directory entry made or removed at this path (create, mkdir,
+    /// mknod, symlink, link, unlink, rmdir).
+    Entry(&'a Path),
     Inode(u64),
     /// Two paths: a rename's source and destination, a link's old and new name.
     Two(&'a Path, &'a Path),
@@ -223,7 +226,7 @@ impl Engine {
 
     fn path_of(&self, subject: Subject) -> Option<PathBuf> {
         match subject {
-            Subject::Path(p) | Subject::Two(p, _) => Some(p.to_path_buf()),
+            Subject::Path(p) | Subject::Entry(p) | Subject::Two(p, _) => Some(p.to_path_buf()),
             Subject::Inode(ino) => self.resolver.get().and_then(|r| r(ino)),
             Subject::Mount => None,
         }
@@ -234,6 +237,21 @@ impl Engine {
         match subject {
             Subject::Two(a, b) => vec![a.to_path_buf(), b.to_path_buf()],
             s => self.path_of(s).into_iter().collect(),
+        }
+    }
+
+    /// What the write-intent record names for a change. An entry made or
+    /// removed is named by its directory, whose set of entries a crash
+    /// recovery compares (Depth::Entry: a missing entry is copied whole, an
+    /// extra one removed), so a run of creates or unlinks in one directory
+    /// costs one record (and one fdatasync) per epoch, not one each. A
+    /// rename names both paths: its destination may replace (or, with
+    /// RENAME_EXCHANGE, swap with) an entry that both sides have, which a
+    /// comparison of names alone would miss.
+    fn intent_paths(&self, subject: Subject) -> Vec<PathBuf> {
+        match subject {
+            Subject::Entry(p) => vec![p.parent().unwrap_or(Path::new("")).to_path_buf()],
+            s => self.paths_of(s),
         }
     }
 
@@ -751,7 +769,7 @@ impl Engine {
             && let Some(intent) = self.intent()
             && Side::BOTH.iter().all(|s| self.health.takes_changes(*s))
         {
-            let paths = self.paths_of(subject);
+            let paths = self.intent_paths(subject);
             let refs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
             // The record is on the primary: failing to write it is the
             // primary failing, under the same rules as any operation on it
