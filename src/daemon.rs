@@ -400,7 +400,6 @@ fn serve(p: Prepared, ready: &mut Option<File>) -> Result<(), Failure> {
     .map_err(|e| rt("reading the root", &e))?;
     let open_files = fs.open_files();
     let fuse_fd = kernel_mount(&spec, &opts).map_err(|e| rt(&format!("mounting {}", spec.mountpoint.display()), &e))?;
-    let conn = fuse_fd.try_clone().map_err(|e| rt("duplicating /dev/fuse", &e))?;
     let acl = if opts.allow_other {
         fuser::SessionACL::All
     } else {
@@ -528,7 +527,7 @@ fn serve(p: Prepared, ready: &mut Option<File>) -> Result<(), Failure> {
         engine.want_resync();
     }
 
-    let r = serve_until_unmounted(session, &conn);
+    let r = serve_until_unmounted(session, &spec.mountpoint);
     clear_intent(&engine);
     // Closing a file on a hung side would wait for it (FLUSH): the locks
     // are released without closing, so a new mount can take the sides as
@@ -745,27 +744,25 @@ const SESSION_JOIN: Duration = Duration::from_secs(2);
 /// threads are then waited for only a moment: one stuck in a hung primary
 /// (its request was answered by a rescuer) may never return, and must not
 /// hold up the unmount or the release of the sides.
+///
+/// The end of the mount is seen in the mount table, looked at once a
+/// second while the session runs. (Polling /dev/fuse instead would wake
+/// this thread on every request the kernel queues.)
 fn serve_until_unmounted<FS: fuser::Filesystem + Send + 'static>(
     session: fuser::Session<FS>,
-    conn: &OwnedFd,
+    mountpoint: &Path,
 ) -> io::Result<()> {
     let (tx, rx) = crossbeam_channel::bounded(1);
     std::thread::Builder::new().name("fuse-session".into()).spawn(move || {
         let _ = tx.send(session.run());
     })?;
     loop {
-        let mut pfd = libc::pollfd {
-            fd: conn.as_raw_fd(),
-            events: 0,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd. With no events asked, poll returns only
-        // on POLLERR/POLLHUP: the connection is gone.
-        let n = unsafe { libc::poll(&mut pfd, 1, 1000) };
-        if let Ok(r) = rx.try_recv() {
-            return r;
+        match rx.recv_timeout(Duration::from_secs(1)) {
+            Ok(r) => return r,
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return Ok(()),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
         }
-        if n > 0 {
+        if !mirrorfs_mounts().iter().any(|m| m.mountpoint == mountpoint) {
             break;
         }
     }

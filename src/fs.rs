@@ -400,7 +400,11 @@ impl Core {
             Target::Path(p) => Some(p.clone()),
             Target::File(_) => None,
         };
-        let subject = path.as_deref().map_or(Subject::Inode(ino), Subject::Path);
+        let of = path.as_deref().map_or(Subject::Inode(ino), Subject::Path);
+        // The writeback cache's flush of mtime and ctime, on every fsync,
+        // changes times alone.
+        let times_only = mode.is_none() && uid.is_none() && gid.is_none() && size.is_none();
+        let subject = if times_only { Subject::Times(&of) } else { of };
         // A truncate by a caller without CAP_FSETID clears the set-ID bits
         // (KILLPRIV_V2 leaves it to us); an explicit mode wins.
         let truncates = size.is_some() && mode.is_none();
@@ -505,8 +509,15 @@ impl Core {
         let from = self.nodes.child_path(parent, name)?;
         let to = self.nodes.child_path(newparent, newname)?;
         let (f, t) = (from.clone(), to.clone());
+        // The kernel has looked the destination up: it is in the table if
+        // it exists.
+        let subject = if flags & libc::RENAME_EXCHANGE == 0 && !self.nodes.has_child(newparent, newname) {
+            Subject::Moved(&from, &to)
+        } else {
+            Subject::Two(&from, &to)
+        };
         self.engine
-            .apply("rename", Subject::Two(&from, &to), move |_, v| v.rename(&f, &t, flags))?;
+            .apply("rename", subject, move |_, v| v.rename(&f, &t, flags))?;
         self.nodes
             .renamed(parent, name, newparent, newname, flags & libc::RENAME_EXCHANGE != 0);
         Ok(())

@@ -159,6 +159,11 @@ impl Nodes {
         inner.maybe_remove(ino);
     }
 
+    /// Whether `name` under `parent` is a known entry.
+    pub fn has_child(&self, parent: u64, name: &OsStr) -> bool {
+        self.lock().by_name.contains_key(&(parent, name.to_os_string()))
+    }
+
     /// `name` under `parent` was removed.
     pub fn unlinked(&self, parent: u64, name: &OsStr) {
         let mut inner = self.lock();

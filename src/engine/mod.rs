@@ -103,6 +103,13 @@ pub enum Subject<'a> {
     Inode(u64),
     /// Two paths: a rename's source and destination, a link's old and new name.
     Two(&'a Path, &'a Path),
+    /// A rename's source and destination, where the destination did not
+    /// exist: only the two directories' sets of entries change.
+    Moved(&'a Path, &'a Path),
+    /// A change of timestamps alone, to this subject: it needs no
+    /// write-intent record (sides may differ in the times the kernel sets,
+    /// and `verify` does not compare them).
+    Times(&'a Subject<'a>),
     /// The whole mount (`mirrorfs fail`).
     Mount,
 }
@@ -226,8 +233,9 @@ impl Engine {
 
     fn path_of(&self, subject: Subject) -> Option<PathBuf> {
         match subject {
-            Subject::Path(p) | Subject::Entry(p) | Subject::Two(p, _) => Some(p.to_path_buf()),
+            Subject::Path(p) | Subject::Entry(p) | Subject::Two(p, _) | Subject::Moved(p, _) => Some(p.to_path_buf()),
             Subject::Inode(ino) => self.resolver.get().and_then(|r| r(ino)),
+            Subject::Times(s) => self.path_of(*s),
             Subject::Mount => None,
         }
     }
@@ -235,7 +243,8 @@ impl Engine {
     /// Every path an operation changes.
     fn paths_of(&self, subject: Subject) -> Vec<PathBuf> {
         match subject {
-            Subject::Two(a, b) => vec![a.to_path_buf(), b.to_path_buf()],
+            Subject::Two(a, b) | Subject::Moved(a, b) => vec![a.to_path_buf(), b.to_path_buf()],
+            Subject::Times(s) => self.paths_of(*s),
             s => self.path_of(s).into_iter().collect(),
         }
     }
@@ -244,13 +253,17 @@ impl Engine {
     /// removed is named by its directory, whose set of entries a crash
     /// recovery compares (Depth::Entry: a missing entry is copied whole, an
     /// extra one removed), so a run of creates or unlinks in one directory
-    /// costs one record (and one fdatasync) per epoch, not one each. A
-    /// rename names both paths: its destination may replace (or, with
-    /// RENAME_EXCHANGE, swap with) an entry that both sides have, which a
-    /// comparison of names alone would miss.
+    /// costs one record (and one fdatasync) per epoch, not one each. So
+    /// is a rename onto a new name (`Moved`): both directories. A rename
+    /// that replaces (or, with RENAME_EXCHANGE, swaps with) an entry names
+    /// both paths themselves: the sides may hold the same names with
+    /// different contents there, which a comparison of names would miss.
     fn intent_paths(&self, subject: Subject) -> Vec<PathBuf> {
+        let dir = |p: &Path| p.parent().unwrap_or(Path::new("")).to_path_buf();
         match subject {
-            Subject::Entry(p) => vec![p.parent().unwrap_or(Path::new("")).to_path_buf()],
+            Subject::Entry(p) => vec![dir(p)],
+            Subject::Moved(a, b) => vec![dir(a), dir(b)],
+            Subject::Times(_) => Vec::new(),
             s => self.paths_of(s),
         }
     }
@@ -897,7 +910,7 @@ impl Engine {
             self.side_failed(side, op, Some(errno), subject);
             missed[side.index()] = changes;
         }
-        if let Subject::Two(from, to) = subject
+        if let Subject::Two(from, to) | Subject::Moved(from, to) = subject
             && let Some(target) = Side::BOTH
                 .into_iter()
                 .find(|s| self.health.state(*s) == SideState::Resyncing)
