@@ -58,7 +58,17 @@ pub struct Flight {
     op: Mutex<&'static str>,
     rescue: Mutex<Option<RescueJob>>,
     pass: Mutex<Option<Pass>>,
-    mirror: Mutex<Option<Box<dyn Any + Send>>>,
+    mirror: Mutex<Mirror>,
+}
+
+/// The mirror's half of the change in flight, as far as a rescue cares.
+#[derive(Default)]
+struct Mirror {
+    /// Its receiver, parked while the primary's half runs inline.
+    parked: Option<Box<dyn Any + Send>>,
+    /// A rescuer found none under way and runs its own: the hung thread
+    /// must not start one any more.
+    claimed: bool,
 }
 
 impl Flight {
@@ -68,7 +78,7 @@ impl Flight {
             op: Mutex::new(""),
             rescue: Mutex::new(Some(rescue)),
             pass: Mutex::new(None),
-            mirror: Mutex::new(None),
+            mirror: Mutex::new(Mirror::default()),
         })
     }
 
@@ -85,14 +95,31 @@ impl Flight {
         self.pass.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
-    pub fn park_mirror<R: Send + 'static>(&self, rx: R) {
-        *self.mirror.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(rx));
+    /// Starts the mirror's half (`start` queues it and gives its
+    /// receiver) and parks the receiver, unless a rescuer has claimed the
+    /// change: then nothing is started and false is returned. One lock
+    /// covers both, so the half is never started twice.
+    pub fn start_mirror<R: Send + 'static>(&self, start: impl FnOnce() -> R) -> bool {
+        let mut m = self.mirror.lock().unwrap_or_else(|e| e.into_inner());
+        if m.claimed {
+            return false;
+        }
+        m.parked = Some(Box::new(start()));
+        true
     }
 
     /// The parked receiver of the mirror's half, if it is of type `R`.
     pub fn take_mirror<R: Send + 'static>(&self) -> Option<R> {
-        let b = self.mirror.lock().unwrap_or_else(|e| e.into_inner()).take()?;
+        let b = self.mirror.lock().unwrap_or_else(|e| e.into_inner()).parked.take()?;
         b.downcast::<R>().ok().map(|b| *b)
+    }
+
+    /// For a rescuer: the receiver of the mirror's half under way, or None
+    /// after making sure that the hung thread will not start one.
+    pub fn claim_mirror<R: Send + 'static>(&self) -> Option<R> {
+        let mut m = self.mirror.lock().unwrap_or_else(|e| e.into_inner());
+        m.claimed = true;
+        m.parked.take()?.downcast::<R>().ok().map(|b| *b)
     }
 }
 
@@ -246,7 +273,15 @@ impl Watch {
         }
         *flight.op.lock().unwrap_or_else(|e| e.into_inner()) = op;
         let since = self.now();
-        flight.inline_since.store(since, Ordering::Release);
+        // A request taken over stays taken over.
+        if flight
+            .inline_since
+            .compare_exchange(IDLE, since, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            self.inside.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
         Some(Inside {
             watch: self,
             flight,

@@ -639,7 +639,7 @@ impl Engine {
         subject: Subject,
         f: impl Fn(Side, &Volume) -> io::Result<T> + Send + Sync + 'static,
     ) -> io::Result<T> {
-        if self.split() {
+        if self.split() || inline::abandoned() {
             return Err(eio());
         }
         let f: ReadFn<T> = Arc::new(f);
@@ -733,7 +733,9 @@ impl Engine {
             effect,
             pass: None,
         };
-        if effect == Effect::Changes && self.changes_refused() {
+        if effect == Effect::Changes && self.changes_refused() || inline::abandoned() {
+            // (Abandoned: this thread's request was taken over by a
+            // rescuer; nothing more of it may reach a side.)
             return refused;
         }
         let flight = inline::current();
@@ -744,7 +746,7 @@ impl Engine {
         let pass = match flight.as_ref().filter(|_| inline::rescuing()) {
             Some(f) => {
                 let pass = f.take_pass().unwrap_or_else(|| self.gate.pass());
-                if let Some(rx) = f.take_mirror::<Rx<T>>() {
+                if let Some(rx) = f.claim_mirror::<Rx<T>>() {
                     return Pair {
                         results: self.gather(rx, [None, None], [false, true], Instant::now()),
                         refused: false,
@@ -804,8 +806,8 @@ impl Engine {
             }
         }
         let (tx, rx) = handoff::channel();
-        let mirror = self.dispatch(Side::Mirror, effect, mf, tx.clone());
         let Some(inside) = inside else {
+            let mirror = self.dispatch(Side::Mirror, effect, mf, tx.clone());
             let primary = self.dispatch(Side::Primary, effect, pf, tx);
             return Pair {
                 results: self.gather(rx, [None, None], [primary, mirror], start),
@@ -814,9 +816,17 @@ impl Engine {
                 pass,
             };
         };
-        drop(tx);
         let flight = inside.flight.clone();
-        flight.park_mirror(rx);
+        let mut mirror = false;
+        let started = flight.start_mirror(|| {
+            mirror = self.dispatch(Side::Mirror, effect, mf, tx);
+            rx
+        });
+        if !started {
+            // A rescuer took the change over while the record was written.
+            inside.finish();
+            return abandoned(effect);
+        }
         // Checked again: the primary may have gone down meanwhile.
         let p = match self.volume(Side::Primary) {
             Ok(v) if self.serves(Side::Primary, effect) => Some(pf(&v)),
@@ -1018,6 +1028,54 @@ mod engine_tests {
             Ok(side)
         });
         assert_eq!(r.unwrap(), Side::Primary);
+    }
+
+    #[test]
+    fn a_change_hung_in_the_primary_is_answered_from_the_mirror_which_runs_it_once() {
+        let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+        let e = Arc::new(engine(&dirs, Duration::from_millis(200)));
+        e.start_watchdog().unwrap();
+        let mirror_runs = Arc::new(AtomicU64::new(0));
+        let handler = {
+            let (e, runs) = (e.clone(), mirror_runs.clone());
+            Arc::new(move || {
+                let runs = runs.clone();
+                e.apply("write", Subject::Path(Path::new("f")), move |side, _| {
+                    match side {
+                        // Only the hung thread ever gets here.
+                        Side::Primary => thread::sleep(Duration::from_millis(1500)),
+                        Side::Mirror => {
+                            runs.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                    Ok(side)
+                })
+            })
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (h, rescued) = (handler.clone(), tx.clone());
+        let flight = inline::Flight::new(Box::new(move |how| {
+            assert!(matches!(how, inline::Rescue::Rerun));
+            rescued.send(("rescuer", h())).unwrap();
+        }));
+        let start = Instant::now();
+        let (e2, hung) = (e.clone(), tx);
+        let t = thread::spawn(move || {
+            let r = e2.serve(flight, || handler());
+            hung.send(("hung thread", r)).unwrap();
+        });
+        let (who, r) = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(who, "rescuer");
+        assert_eq!(r.unwrap(), Side::Mirror);
+        assert!(start.elapsed() < Duration::from_millis(1200), "{:?}", start.elapsed());
+        assert_eq!(e.health.state(Side::Primary), SideState::Down);
+        assert_eq!(e.health.down_info(Side::Primary).unwrap().errno, Some(libc::ETIMEDOUT));
+        // The hung thread's own answer is dropped: it only says it was abandoned.
+        let (who, r) = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(who, "hung thread");
+        assert!(r.is_err());
+        t.join().unwrap();
+        assert_eq!(mirror_runs.load(Ordering::SeqCst), 1, "the mirror ran the change once");
     }
 
     #[test]
