@@ -756,14 +756,19 @@ fn serve_until_unmounted<FS: fuser::Filesystem + Send + 'static>(
     std::thread::Builder::new().name("fuse-session".into()).spawn(move || {
         let _ = tx.send(session.run());
     })?;
+    // Only a mount once seen in the table and then gone counts as ended: a
+    // mountpoint the table spells differently must not end a live session.
+    let mut seen = false;
     loop {
+        let mounted = mirrorfs_mounts().iter().any(|m| m.mountpoint == mountpoint);
+        if seen && !mounted {
+            break;
+        }
+        seen |= mounted;
         match rx.recv_timeout(Duration::from_secs(1)) {
             Ok(r) => return r,
             Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return Ok(()),
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
-        }
-        if !mirrorfs_mounts().iter().any(|m| m.mountpoint == mountpoint) {
-            break;
         }
     }
     match rx.recv_timeout(SESSION_JOIN) {
