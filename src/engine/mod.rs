@@ -166,6 +166,15 @@ pub struct Engine {
     retired: Sender<Box<dyn Send>>,
 }
 
+/// Whether `side` is asked to do an operation with `effect`: a change also
+/// goes to a side being resynced; anything else does not.
+fn serves(health: &Health, side: Side, effect: Effect) -> bool {
+    match effect {
+        Effect::Changes => health.takes_changes(side),
+        Effect::Opens => health.is_up(side),
+    }
+}
+
 fn eio() -> io::Error {
     io::Error::from_raw_os_error(libc::EIO)
 }
@@ -456,13 +465,8 @@ impl Engine {
         }
     }
 
-    /// Whether `side` is asked to do an operation with `effect`: a change
-    /// also goes to a side being resynced; anything else does not.
     fn serves(&self, side: Side, effect: Effect) -> bool {
-        match effect {
-            Effect::Changes => self.health.takes_changes(side),
-            Effect::Opens => self.health.is_up(side),
-        }
+        serves(&self.health, side, effect)
     }
 
     /// Serves one request in this thread (a FUSE thread): the primary's
@@ -505,17 +509,13 @@ impl Engine {
         let Ok(vol) = self.volume(side) else {
             return false;
         };
-        let serves = move |h: &Health| match effect {
-            Effect::Changes => h.takes_changes(side),
-            Effect::Opens => h.is_up(side),
-        };
-        if !serves(&self.health) {
+        if !self.serves(side, effect) {
             return false;
         }
         let health = self.health.clone();
         let job: Job = Box::new(move || {
             // Checked again here: the side may have gone down while queued.
-            let r = serves(&health).then(|| f(&vol));
+            let r = serves(&health, side, effect).then(|| f(&vol));
             tx.send((side, r));
         });
         self.queue(side, job);
@@ -774,12 +774,6 @@ impl Engine {
             }
             None => Some(pass),
         };
-        let abandoned = |effect| Pair {
-            results: [None, None],
-            refused: true,
-            effect,
-            pass: None,
-        };
         if effect == Effect::Changes
             && let Some(intent) = self.intent()
             && Side::BOTH.iter().all(|s| self.health.takes_changes(*s))
@@ -794,12 +788,12 @@ impl Engine {
                 log::error!("side=primary cannot write the write-intent record: {e}");
                 self.health.count_error(Side::Primary, OP_INTENT);
                 if !is_side_failure(errno) || !self.side_failed(Side::Primary, OP_INTENT, Some(errno), subject) {
+                    // The parked pass is dropped, unless a rescuer took it over.
                     if let Some(i) = inside {
                         let f = i.flight.clone();
-                        if !i.finish() {
-                            return abandoned(effect);
+                        if i.finish() {
+                            drop(f.take_pass());
                         }
-                        drop(f.take_pass());
                     }
                     return refused;
                 }
@@ -825,7 +819,7 @@ impl Engine {
         if !started {
             // A rescuer took the change over while the record was written.
             inside.finish();
-            return abandoned(effect);
+            return refused;
         }
         // Checked again: the primary may have gone down meanwhile.
         let p = match self.volume(Side::Primary) {
@@ -834,10 +828,10 @@ impl Engine {
         };
         if !inside.finish() {
             // Rescued: the rescuer answers; this result is dropped.
-            return abandoned(effect);
+            return refused;
         }
         let (Some(rx), pass) = (flight.take_mirror::<Rx<T>>(), flight.take_pass()) else {
-            return abandoned(effect);
+            return refused;
         };
         Pair {
             results: self.gather(rx, [p, None], [false, mirror], start),
