@@ -24,7 +24,7 @@ use fuser::{
 use crate::engine::bufpool::PooledBuf;
 use crate::engine::gate::Pass;
 use crate::engine::inline::{Flight, Rescue};
-use crate::engine::{Effect, Engine, Subject};
+use crate::engine::{Effect, Engine, Pace, Subject};
 use crate::nodes::{Handles, Key, Nodes, OpenDir, OpenFile, OpenFiles, ROOT};
 use crate::spec::Side;
 use crate::volume::{self, META_DIR, Owner, SetTime, Stat, Volume};
@@ -409,7 +409,7 @@ impl Core {
         // (KILLPRIV_V2 leaves it to us); an explicit mode wins.
         let truncates = size.is_some() && mode.is_none();
         let caller = caller.clone();
-        let st = self.engine.apply("setattr", subject, move |side, v| {
+        let st = self.engine.apply("setattr", Pace::Sequential, subject, move |side, v| {
             // Owner first: chown clears set-ID bits, and an explicit mode in
             // the same request must win. Times last, after the size change
             // has touched mtime.
@@ -476,7 +476,7 @@ impl Core {
     ) -> io::Result<FileAttr> {
         let path = self.new_path(parent, name)?;
         let p = path.clone();
-        let mut pair = self.engine.change(Subject::Entry(&path), move |_, v| {
+        let mut pair = self.engine.change(Pace::Sequential, Subject::Entry(&path), move |_, v| {
             f(v, &p)?;
             v.lstat(&p)
         });
@@ -492,6 +492,7 @@ impl Core {
         let op = if dir { "rmdir" } else { "unlink" };
         self.engine.apply(
             op,
+            Pace::Sequential,
             Subject::Entry(&path),
             move |_, v| {
                 if dir { v.rmdir(&p) } else { v.unlink(&p) }
@@ -517,7 +518,7 @@ impl Core {
             Subject::Two(&from, &to)
         };
         self.engine
-            .apply("rename", subject, move |_, v| v.rename(&f, &t, flags))?;
+            .apply("rename", Pace::Sequential, subject, move |_, v| v.rename(&f, &t, flags))?;
         self.nodes
             .renamed(parent, name, newparent, newname, flags & libc::RENAME_EXCHANGE != 0);
         Ok(())
@@ -539,7 +540,7 @@ impl Core {
         effect: Effect,
         f: impl Fn(&Volume) -> io::Result<(std::os::fd::OwnedFd, Stat)> + Send + Sync + 'static,
     ) -> io::Result<(Side, Stat, [Option<std::os::fd::OwnedFd>; 2], Option<Pass>)> {
-        let mut pair = self.engine.each(effect, subject, move |_, v| f(v));
+        let mut pair = self.engine.each(effect, Pace::Sequential, subject, move |_, v| f(v));
         let side = self.engine.settle(op, subject, &pair)?;
         let pass = pair.take_pass();
         let mut fds = [None, None];
@@ -618,6 +619,7 @@ impl Core {
         let mirror_file = file.clone();
         let (copy, mirror_copy) = (data.clone(), data.clone());
         let mut pair = self.engine.change2(
+            Pace::Sequential,
             Subject::Inode(ino),
             move |_| write_on(&file, Side::Primary, &copy, offset, kill_setid),
             move |_| write_on(&mirror_file, Side::Mirror, &mirror_copy, offset, kill_setid),
@@ -631,13 +633,14 @@ impl Core {
     fn on_handle<T: Send + 'static>(
         &self,
         op: &str,
+        pace: Pace,
         fh: u64,
         f: impl Fn(&OpenFile, Side) -> io::Result<T> + Send + Sync + 'static,
     ) -> io::Result<T> {
         let file = self.files.get(fh)?;
         let ino = file.ino;
         self.engine
-            .apply(op, Subject::Inode(ino), move |side, _| f(&file, side))
+            .apply(op, pace, Subject::Inode(ino), move |side, _| f(&file, side))
     }
 
     fn do_opendir(&self, ino: u64) -> io::Result<u64> {
@@ -1003,7 +1006,7 @@ impl Filesystem for MirrorFs {
     fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
         self.serve(
             reply,
-            move |fs| fs.on_handle("flush", fh.0, |f, side| volume::flush(f.fd(side)?.as_fd())),
+            move |fs| fs.on_handle("flush", Pace::Sequential, fh.0, |f, side| volume::flush(f.fd(side)?.as_fd())),
             reply_empty,
         );
     }
@@ -1040,7 +1043,7 @@ impl Filesystem for MirrorFs {
         self.serve(
             reply,
             move |fs| {
-                fs.on_handle("fsync", fh.0, move |f, side| {
+                fs.on_handle("fsync", Pace::Concurrent, fh.0, move |f, side| {
                     volume::fsync(f.fd(side)?.as_fd(), datasync)
                 })
             },
@@ -1096,7 +1099,7 @@ impl Filesystem for MirrorFs {
                 let p = fs.nodes.path(ino.0)?;
                 let q = p.clone();
                 fs.engine
-                    .apply("fsyncdir", Subject::Path(&p), move |_, v| v.fsync_path(&q, datasync))
+                    .apply("fsyncdir", Pace::Concurrent, Subject::Path(&p), move |_, v| v.fsync_path(&q, datasync))
             },
             reply_empty,
         );
@@ -1139,7 +1142,7 @@ impl Filesystem for MirrorFs {
                 fs.writable()?;
                 let p = fs.xattr_target(ino.0)?;
                 let (q, name, value) = (p.clone(), name.clone(), value.clone());
-                fs.engine.apply("setxattr", Subject::Path(&p), move |_, v| {
+                fs.engine.apply("setxattr", Pace::Sequential, Subject::Path(&p), move |_, v| {
                     v.setxattr(&q, &name, &value, flags)
                 })
             },
@@ -1185,7 +1188,7 @@ impl Filesystem for MirrorFs {
                 let p = fs.xattr_target(ino.0)?;
                 let (q, name) = (p.clone(), name.clone());
                 fs.engine
-                    .apply("removexattr", Subject::Path(&p), move |_, v| v.removexattr(&q, &name))
+                    .apply("removexattr", Pace::Sequential, Subject::Path(&p), move |_, v| v.removexattr(&q, &name))
             },
             reply_empty,
         );
@@ -1236,7 +1239,7 @@ impl Filesystem for MirrorFs {
             reply,
             move |fs| {
                 fs.writable()?;
-                fs.on_handle("fallocate", fh.0, move |f, side| {
+                fs.on_handle("fallocate", Pace::Concurrent, fh.0, move |f, side| {
                     volume::fallocate(f.fd(side)?.as_fd(), mode, offset, length)
                 })
             },
@@ -1280,7 +1283,7 @@ impl Filesystem for MirrorFs {
             move |fs| {
                 fs.writable()?;
                 let fin = fs.files.get(fh_in.0)?;
-                fs.on_handle("copy_file_range", fh_out.0, move |fout, side| {
+                fs.on_handle("copy_file_range", Pace::Concurrent, fh_out.0, move |fout, side| {
                     volume::copy_file_range(
                         fin.fd(side)?.as_fd(),
                         offset_in,

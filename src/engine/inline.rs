@@ -1,29 +1,30 @@
-//! The primary's half of an operation, run in the FUSE thread itself, and
-//! the rescue of a request whose inline call hangs.
+//! A side's half of an operation, run in the FUSE thread itself, and the
+//! rescue of a request whose inline call hangs.
 //!
-//! Owns: one slot per FUSE thread (the request it serves and since when it
-//! has been inside a call on the primary), the inline budget, and the
-//! watchdog. Knows nothing of what a request does: the serving layer hands
-//! each request over as a `Flight` with a rescue job.
+//! Owns: one slot per FUSE thread (the request it serves, and since when
+//! and on which side it has been inside an inline call), the inline budget,
+//! and the watchdog. Knows nothing of what a request does: the serving
+//! layer hands each request over as a `Flight` with a rescue job.
 //!
 //! Why: a call handed to a lane costs two thread switches and two wakeups
-//! (there and back) on top of FUSE's own. Run inline, a call on the primary
-//! costs none. The price is that a hung primary holds the FUSE thread in
-//! its syscall, which no signal frees. So:
+//! (there and back) on top of FUSE's own. Run inline, a call costs none.
+//! The price is that a hung side holds the FUSE thread in its syscall,
+//! which no signal frees. So:
 //! - the watchdog sleeps until the earliest deadline of a call in flight
 //!   (no wakeup per request), and when an inline call has run for
-//!   `side_timeout`, it has the engine take the primary down and runs the
+//!   `side_timeout`, it has the engine take that side down and runs the
 //!   request's rescue job on a thread of its own: the request is answered
-//!   again from the mirror (a change reuses the mirror's half that is
-//!   already under way; it is never run twice). The hung thread, if it
+//!   again from what the other side did (a change takes over the halves
+//!   already done or under way; none is run twice). The hung thread, if it
 //!   ever returns, finds its request taken and drops its result.
 //! - at most `budget` FUSE threads are inside an inline call at once, so
-//!   threads stuck in a hung primary never take all of them: past the
-//!   budget, the primary's half goes to its lane as before.
+//!   threads stuck in a hung side never take all of them: past the budget,
+//!   a side's half goes to its lane as before.
 //!
-//! A change's gate pass and the receiver of its mirror half are parked in
-//! the flight while the primary's half runs inline, so that a rescuer can
-//! take them over; the hung thread then holds neither.
+//! A change's gate pass, and the receiver of its mirror half on a lane or
+//! the primary's result before the mirror's half runs inline, are parked
+//! in the flight while an inline call runs, so that a rescuer can take them
+//! over; the hung thread then holds none of them.
 
 use std::any::Any;
 use std::cell::RefCell;
@@ -33,6 +34,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use super::gate::Pass;
+use crate::spec::Side;
 
 /// How a rescued request is answered.
 pub enum Rescue {
@@ -55,7 +57,8 @@ pub struct Flight {
     /// When the inline call in progress started (ns since the watch's
     /// epoch, plus one), `IDLE`, or `RESCUED`.
     inline_since: AtomicU64,
-    op: Mutex<&'static str>,
+    /// The operation and the side of the inline call in progress.
+    op: Mutex<(&'static str, Side)>,
     rescue: Mutex<Option<RescueJob>>,
     pass: Mutex<Option<Pass>>,
     mirror: Mutex<Mirror>,
@@ -64,7 +67,9 @@ pub struct Flight {
 /// The mirror's half of the change in flight, as far as a rescue cares.
 #[derive(Default)]
 struct Mirror {
-    /// Its receiver, parked while the primary's half runs inline.
+    /// Parked while an inline call runs: the receiver of the mirror's half
+    /// under way on its lane, or the primary's result while the mirror's
+    /// half runs inline after it.
     parked: Option<Box<dyn Any + Send>>,
     /// A rescuer found none under way and runs its own: the hung thread
     /// must not start one any more.
@@ -75,7 +80,7 @@ impl Flight {
     pub fn new(rescue: RescueJob) -> Arc<Flight> {
         Arc::new(Flight {
             inline_since: AtomicU64::new(IDLE),
-            op: Mutex::new(""),
+            op: Mutex::new(("", Side::Primary)),
             rescue: Mutex::new(Some(rescue)),
             pass: Mutex::new(None),
             mirror: Mutex::new(Mirror::default()),
@@ -96,8 +101,9 @@ impl Flight {
     }
 
     /// Starts the mirror's half (`start` queues it and gives its
-    /// receiver) and parks the receiver, unless a rescuer has claimed the
-    /// change: then nothing is started and false is returned. One lock
+    /// receiver, or gives the primary's result before the mirror's half
+    /// runs inline) and parks what it gives, unless a rescuer has claimed
+    /// the change: then nothing is started and false is returned. One lock
     /// covers both, so the half is never started twice.
     pub fn start_mirror<R: Send + 'static>(&self, start: impl FnOnce() -> R) -> bool {
         let mut m = self.mirror.lock().unwrap_or_else(|e| e.into_inner());
@@ -108,14 +114,14 @@ impl Flight {
         true
     }
 
-    /// The parked receiver of the mirror's half, if it is of type `R`.
+    /// What `start_mirror` parked, if it is of type `R`.
     pub fn take_mirror<R: Send + 'static>(&self) -> Option<R> {
         let b = self.mirror.lock().unwrap_or_else(|e| e.into_inner()).parked.take()?;
         b.downcast::<R>().ok().map(|b| *b)
     }
 
-    /// For a rescuer: the receiver of the mirror's half under way, or None
-    /// after making sure that the hung thread will not start one.
+    /// For a rescuer: what `start_mirror` parked, or None after making
+    /// sure that the hung thread will not start the mirror's half.
     pub fn claim_mirror<R: Send + 'static>(&self) -> Option<R> {
         let mut m = self.mirror.lock().unwrap_or_else(|e| e.into_inner());
         m.claimed = true;
@@ -177,6 +183,12 @@ pub struct Inside<'a> {
 }
 
 impl Inside<'_> {
+    /// When the call started, on the watch's clock: a later call of the
+    /// same request resumes its deadline (`Watch::resume`).
+    pub fn since(&self) -> u64 {
+        self.since
+    }
+
     /// Ends the inline call; false if the watchdog took the request over
     /// meanwhile (the caller drops what it has and answers nothing).
     pub fn finish(mut self) -> bool {
@@ -256,9 +268,17 @@ impl Watch {
         r
     }
 
-    /// Starts an inline call for the current request, if this thread
-    /// serves one from a slot, the watchdog runs, and the budget allows.
-    pub fn enter(&self, op: &'static str) -> Option<Inside<'_>> {
+    /// Starts an inline call on `side` for the current request, if this
+    /// thread serves one from a slot, the watchdog runs, and the budget
+    /// allows.
+    pub fn enter(&self, op: &'static str, side: Side) -> Option<Inside<'_>> {
+        self.resume(op, side, self.now())
+    }
+
+    /// `enter`, with the deadline of a call that started at `since`: the
+    /// mirror's half of a change, run after the primary's, shares the
+    /// request's one `side_timeout`.
+    pub fn resume(&self, op: &'static str, side: Side, since: u64) -> Option<Inside<'_>> {
         if !self.armed.load(Ordering::Acquire) {
             return None;
         }
@@ -271,8 +291,7 @@ impl Watch {
             self.inside.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
-        *flight.op.lock().unwrap_or_else(|e| e.into_inner()) = op;
-        let since = self.now();
+        *flight.op.lock().unwrap_or_else(|e| e.into_inner()) = (op, side);
         // A request taken over stays taken over.
         if flight
             .inline_since
@@ -304,7 +323,7 @@ impl Watch {
     pub fn run<O: Send + Sync + 'static>(
         self: Arc<Self>,
         owner: Weak<O>,
-        hung: impl Fn(&O, &'static str) -> Option<Rescue> + Send + 'static,
+        hung: impl Fn(&O, &'static str, Side) -> Option<Rescue> + Send + 'static,
     ) -> std::io::Result<()> {
         self.armed.store(true, Ordering::Release);
         let watch = self.clone();
@@ -326,8 +345,8 @@ impl Watch {
                         next = next.min(since + limit);
                         continue;
                     }
-                    let op = *flight.op.lock().unwrap_or_else(|e| e.into_inner());
-                    let Some(how) = hung(&owner, op) else { continue };
+                    let (op, side) = *flight.op.lock().unwrap_or_else(|e| e.into_inner());
+                    let Some(how) = hung(&owner, op, side) else { continue };
                     if flight
                         .inline_since
                         .compare_exchange(since, RESCUED, Ordering::AcqRel, Ordering::Acquire)
@@ -369,7 +388,7 @@ mod tests {
         let (tx, rx) = mpsc::channel();
         watch
             .clone()
-            .run(Arc::downgrade(&owner), |_, op| (op == "read").then_some(Rescue::Rerun))
+            .run(Arc::downgrade(&owner), |_, op, _| (op == "read").then_some(Rescue::Rerun))
             .unwrap();
         let w = watch.clone();
         let stuck = thread::spawn(move || {
@@ -380,9 +399,9 @@ mod tests {
                 tx2.send("rescued").unwrap();
             }));
             w.serve(flight, || {
-                let inside = w.enter("read").expect("inline allowed");
+                let inside = w.enter("read", Side::Primary).expect("inline allowed");
                 // A second inline call is past the budget of one.
-                assert!(w.enter("read").is_none());
+                assert!(w.enter("read", Side::Primary).is_none());
                 thread::sleep(Duration::from_millis(400));
                 assert!(!inside.finish(), "the request was taken over");
                 assert!(abandoned());
@@ -396,7 +415,7 @@ mod tests {
         // A quick call is not rescued, and nothing keeps its flight.
         let flight = Flight::new(Box::new(|_| panic!("rescued a quick call")));
         let weak = Arc::downgrade(&flight);
-        watch.serve(flight, || assert!(watch.enter("read").unwrap().finish()));
+        watch.serve(flight, || assert!(watch.enter("read", Side::Primary).unwrap().finish()));
         assert!(weak.upgrade().is_none(), "the flight outlived its request");
         thread::sleep(Duration::from_millis(250));
     }

@@ -1,20 +1,24 @@
-//! The mirroring engine: runs each operation on both sides concurrently,
-//! settles mixed outcomes in one place (`resolve`), and applies what that
-//! decides to the sides' health and the event log.
+//! The mirroring engine: runs each operation on both sides, settles mixed
+//! outcomes in one place (`resolve`), and applies what that decides to the
+//! sides' health and the event log.
 //!
 //! Owns: one lane of worker threads per side, the deadline that turns a
 //! hung side into a failed one, read failover, and the record of diverged
 //! paths. Knows nothing of fuser: it speaks `io::Result` with raw errnos and
 //! relative paths.
 //!
-//! Concurrency: every side call runs on that side's lane, never in the FUSE
-//! thread, which only waits. So a side that hangs holds up only its own
-//! lane: once `side_timeout` has passed with the other side answered, the
-//! hung side is marked down and the caller is answered from the survivor.
-//! The last side up has no deadline: its slowness is the caller's, as with
-//! any single disk. Ordering between two changes to the same object is the
-//! kernel's: it serialises writes to an inode and namespace changes in a
-//! directory before they reach us.
+//! Concurrency: a side call runs in the FUSE thread itself when the
+//! inline budget allows (the primary's half, then the mirror's, or the
+//! mirror's on its lane at the same time for calls that wait for a disk:
+//! `Pace`), otherwise on that side's lane while the FUSE thread waits. A
+//! side hung on a lane is timed out by the waiting thread; one hung in the
+//! FUSE thread, by the watchdog (`inline`), which has the request answered
+//! from what the other side did. Either way, once `side_timeout` has passed
+//! with the other side up, the hung side is marked down and the caller is
+//! answered from the survivor. The last side up has no deadline: its
+//! slowness is the caller's, as with any single disk. Ordering between two
+//! changes to the same object is the kernel's: it serialises writes to an
+//! inode and namespace changes in a directory before they reach us.
 //!
 //! Lock order: `transition` is taken before `Health`'s own lock, and never
 //! while waiting for a side.
@@ -45,6 +49,20 @@ use handoff::RecvTimeoutError;
 pub use resolve::{Answer, Decision, Policy, SideResult, resolve};
 use sideio::{Job, Lane};
 
+/// How the mirror's half of an operation runs while the primary's half
+/// runs inline in the FUSE thread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pace {
+    /// After the primary's, in the same thread: no thread hop, for calls
+    /// that return without waiting for a disk (a buffered write, a create,
+    /// a rename, a setattr): the hop there and back would cost more than
+    /// the call.
+    Sequential,
+    /// At the same time, on the mirror's lane: for calls that wait for the
+    /// disk (fsync), whose two latencies would otherwise add up.
+    Concurrent,
+}
+
 /// Whether an operation run on both sides changes them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Effect {
@@ -55,8 +73,8 @@ pub enum Effect {
 
 /// The operation named when writing the write-intent record fails.
 const OP_INTENT: &str = "intent";
-/// The operations named for a change, or an open, whose primary half hung
-/// in the FUSE thread (the watchdog knows no more of it).
+/// The operations named for a change, or an open, whose half hung in the
+/// FUSE thread (the watchdog knows no more of it).
 const OP_CHANGE: &str = "change";
 const OP_OPEN: &str = "open";
 
@@ -77,6 +95,16 @@ pub struct Pair<T> {
 }
 
 impl<T> Pair<T> {
+    /// Refused before any side was asked.
+    fn refused(effect: Effect) -> Pair<T> {
+        Pair {
+            results: [None, None],
+            refused: true,
+            effect,
+            pass: None,
+        }
+    }
+
     /// Keeps changes from being interleaved with a resync step until the
     /// caller has finished with the result (e.g. registered a handle).
     pub fn take_pass(&mut self) -> Option<Pass> {
@@ -112,6 +140,16 @@ pub enum Subject<'a> {
     Times(&'a Subject<'a>),
     /// The whole mount (`mirrorfs fail`).
     Mount,
+}
+
+/// What a change in flight parks for a rescuer (see `inline`).
+enum Half<T> {
+    /// The mirror's half runs on its lane (if it was asked): its result
+    /// comes here.
+    OnLane(handoff::Receiver<(Side, Option<io::Result<T>>)>, bool),
+    /// The primary's half is done, with this result (None: it went down
+    /// first), and the mirror's runs inline in the FUSE thread.
+    PrimaryDone(Option<io::Result<T>>),
 }
 
 /// A read, run on whichever side answers.
@@ -477,22 +515,25 @@ impl Engine {
     }
 
     /// Starts the watchdog of inline calls; until then every side call
-    /// goes to a lane. A primary call that hangs while the mirror is up is
-    /// taken down (ETIMEDOUT) and its request answered again from the
-    /// mirror (`noswitch`: EIO).
+    /// goes to a lane. A side whose inline call hangs while the other side
+    /// is up is taken down (ETIMEDOUT), and the request is answered again:
+    /// - a hung primary: from the mirror (`noswitch`: EIO);
+    /// - a hung mirror: with the primary's result, which was parked before
+    ///   the mirror's half started, settled as the mirror's timeout (so
+    ///   `noswitch` answers EIO there).
     pub fn start_watchdog(self: &Arc<Engine>) -> io::Result<()> {
-        self.watch.clone().run(Arc::downgrade(self), |engine: &Engine, op| {
-            if !engine.health.is_up(Side::Mirror) {
+        self.watch.clone().run(Arc::downgrade(self), |engine: &Engine, op, side| {
+            if !engine.health.is_up(side.other()) {
                 return None; // the last side up has no deadline
             }
-            engine.health.count_error(Side::Primary, op);
-            engine.side_failed(Side::Primary, op, Some(libc::ETIMEDOUT), Subject::Mount);
-            if engine.health.is_up(Side::Primary) {
+            engine.health.count_error(side, op);
+            engine.side_failed(side, op, Some(libc::ETIMEDOUT), Subject::Mount);
+            if engine.health.is_up(side) {
                 return None;
             }
-            Some(match engine.config.policy {
-                Policy::NoSwitch => inline::Rescue::Fail(libc::EIO),
-                Policy::Switch => inline::Rescue::Rerun,
+            Some(match (side, engine.config.policy) {
+                (Side::Primary, Policy::NoSwitch) => inline::Rescue::Fail(libc::EIO),
+                _ => inline::Rescue::Rerun,
             })
         })
     }
@@ -603,7 +644,7 @@ impl Engine {
     /// Runs a read on one side; a side that went down meanwhile is `None`.
     fn read_on<T: Send + 'static>(&self, op: &'static str, side: Side, f: &ReadFn<T>) -> Option<io::Result<T>> {
         if side == Side::Primary
-            && let Some(inside) = self.watch.enter(op)
+            && let Some(inside) = self.watch.enter(op, side)
         {
             let r = match self.volume(side) {
                 Ok(v) if self.health.is_up(side) => Some(f(side, &v)),
@@ -702,15 +743,16 @@ impl Engine {
         self.config.policy == Policy::NoSwitch && Side::BOTH.iter().any(|s| !self.health.takes_changes(*s))
     }
 
-    /// Runs a change on every side that is up, concurrently, each on its
-    /// own lane: `pf` on the primary, `mf` on the mirror.
+    /// Runs a change on every side that is up: `pf` on the primary, `mf`
+    /// on the mirror (see `on_both`).
     pub fn change2<T: Send + 'static>(
         &self,
+        pace: Pace,
         subject: Subject,
         pf: impl FnOnce(&Volume) -> io::Result<T> + Send + 'static,
         mf: impl FnOnce(&Volume) -> io::Result<T> + Send + 'static,
     ) -> Pair<T> {
-        self.on_both(Effect::Changes, subject, pf, mf)
+        self.on_both(Effect::Changes, pace, subject, pf, mf)
     }
 
     /// Runs `pf` and `mf` on the sides that are up. For `Effect::Changes`,
@@ -720,140 +762,230 @@ impl Engine {
     /// A change is first put in the write-intent record while both sides
     /// take changes, so that a crash before both have it is repaired at the
     /// next mount.
+    ///
+    /// Where the halves run: the primary's in this thread when it may (see
+    /// `inline`), from the write-intent record to its result, under the
+    /// watchdog; then the mirror's, in this thread too and under the same
+    /// deadline (`Pace::Sequential`), or on its lane, started before the
+    /// primary's (`Pace::Concurrent`). Where no inline call is allowed
+    /// (past the budget, the primary out of service, in a rescuer), both
+    /// go to their lanes.
     pub fn on_both<T: Send + 'static>(
         &self,
         effect: Effect,
+        pace: Pace,
         subject: Subject,
         pf: impl FnOnce(&Volume) -> io::Result<T> + Send + 'static,
         mf: impl FnOnce(&Volume) -> io::Result<T> + Send + 'static,
     ) -> Pair<T> {
-        let refused = Pair {
-            results: [None, None],
-            refused: true,
-            effect,
-            pass: None,
-        };
         if effect == Effect::Changes && self.changes_refused() || inline::abandoned() {
             // (Abandoned: this thread's request was taken over by a
             // rescuer; nothing more of it may reach a side.)
-            return refused;
+            return Pair::refused(effect);
         }
-        let flight = inline::current();
-        type Rx<T> = handoff::Receiver<(Side, Option<io::Result<T>>)>;
-        // A rescuer serving this request again takes over what the hung
-        // thread holds: the pass, and the mirror's half if it was under way
-        // (it is never run twice).
-        let pass = match flight.as_ref().filter(|_| inline::rescuing()) {
-            Some(f) => {
-                let pass = f.take_pass().unwrap_or_else(|| self.gate.pass());
-                if let Some(rx) = f.claim_mirror::<Rx<T>>() {
-                    return Pair {
-                        results: self.gather(rx, [None, None], [false, true], Instant::now()),
-                        refused: false,
-                        effect,
-                        pass: Some(pass),
-                    };
-                }
-                pass
-            }
-            None => self.gate.pass(),
-        };
-        let start = Instant::now();
-        // The primary's half runs in this thread when it may (see `inline`):
-        // from the write-intent record to its result, under the watchdog.
+        if inline::rescuing()
+            && let Some(f) = inline::current()
+        {
+            return self.take_over(&f, effect, subject, pf, mf);
+        }
+        let pass = self.gate.pass();
+        let op = if effect == Effect::Changes { OP_CHANGE } else { OP_OPEN };
         let inside = if self.serves(Side::Primary, effect) {
-            self.watch
-                .enter(if effect == Effect::Changes { OP_CHANGE } else { OP_OPEN })
+            self.watch.enter(op, Side::Primary)
         } else {
             None
         };
-        let pass = match &inside {
-            Some(i) => {
-                i.flight.park_pass(pass);
+        let Some(inside) = inside else {
+            if !self.record_intent(effect, subject) {
+                return Pair::refused(effect);
+            }
+            return self.on_lanes(effect, pass, pf, mf);
+        };
+        // Parked, so that a rescuer can take it over from a hung thread.
+        let flight = inside.flight.clone();
+        flight.park_pass(pass);
+        if !self.record_intent(effect, subject) {
+            if inside.finish() {
+                drop(flight.take_pass());
+            }
+            return Pair::refused(effect);
+        }
+        let start = Instant::now();
+        let mf = match pace {
+            Pace::Sequential => Some(mf),
+            Pace::Concurrent => {
+                let started = flight.start_mirror(|| {
+                    let (tx, rx) = handoff::channel();
+                    let asked = self.dispatch(Side::Mirror, effect, mf, tx);
+                    Half::OnLane(rx, asked)
+                });
+                if !started {
+                    // A rescuer took the change over while the record was written.
+                    inside.finish();
+                    return Pair::refused(effect);
+                }
                 None
             }
-            None => Some(pass),
         };
-        if effect == Effect::Changes
-            && let Some(intent) = self.intent()
-            && Side::BOTH.iter().all(|s| self.health.takes_changes(*s))
-        {
-            let paths = self.intent_paths(subject);
-            let refs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
-            // The record is on the primary: failing to write it is the
-            // primary failing, under the same rules as any operation on it
-            // (the last side up is never taken down: its error is the caller's).
-            if let Err(e) = intent.record(&refs) {
-                let errno = raw(&e);
-                log::error!("side=primary cannot write the write-intent record: {e}");
-                self.health.count_error(Side::Primary, OP_INTENT);
-                if !is_side_failure(errno) || !self.side_failed(Side::Primary, OP_INTENT, Some(errno), subject) {
-                    // The parked pass is dropped, unless a rescuer took it over.
-                    if let Some(i) = inside {
-                        let f = i.flight.clone();
-                        if i.finish() {
-                            drop(f.take_pass());
-                        }
-                    }
-                    return refused;
-                }
-            }
-        }
-        let (tx, rx) = handoff::channel();
-        let Some(inside) = inside else {
-            let mirror = self.dispatch(Side::Mirror, effect, mf, tx.clone());
-            let primary = self.dispatch(Side::Primary, effect, pf, tx);
-            return Pair {
-                results: self.gather(rx, [None, None], [primary, mirror], start),
-                refused: false,
-                effect,
-                pass,
-            };
-        };
-        let flight = inside.flight.clone();
-        let mut mirror = false;
-        let started = flight.start_mirror(|| {
-            mirror = self.dispatch(Side::Mirror, effect, mf, tx);
-            rx
-        });
-        if !started {
-            // A rescuer took the change over while the record was written.
-            inside.finish();
-            return refused;
-        }
         // Checked again: the primary may have gone down meanwhile.
         let p = match self.volume(Side::Primary) {
             Ok(v) if self.serves(Side::Primary, effect) => Some(pf(&v)),
             _ => None,
         };
+        let since = inside.since();
         if !inside.finish() {
             // Rescued: the rescuer answers; this result is dropped.
-            return refused;
+            return Pair::refused(effect);
         }
-        let (Some(rx), pass) = (flight.take_mirror::<Rx<T>>(), flight.take_pass()) else {
-            return refused;
+        let results = match mf {
+            Some(mf) => self.mirror_after(&flight, op, since, start, effect, p, mf),
+            None => match flight.take_mirror::<Half<T>>() {
+                Some(Half::OnLane(rx, asked)) => Some(self.gather(rx, [p, None], [false, asked], start)),
+                _ => None,
+            },
+        };
+        match (results, flight.take_pass()) {
+            (Some(results), Some(pass)) => Pair {
+                results,
+                refused: false,
+                effect,
+                pass: Some(pass),
+            },
+            _ => Pair::refused(effect),
+        }
+    }
+
+    /// A rescuer serving a request again takes over what the hung thread
+    /// holds: the pass, and the change's halves as far as they went (none
+    /// is run twice). A hung primary's change is answered by the mirror's
+    /// half under way on its lane, or run on the mirror now; a hung
+    /// mirror's, by the primary's result, with the mirror timed out.
+    fn take_over<T: Send + 'static>(
+        &self,
+        flight: &inline::Flight,
+        effect: Effect,
+        subject: Subject,
+        pf: impl FnOnce(&Volume) -> io::Result<T> + Send + 'static,
+        mf: impl FnOnce(&Volume) -> io::Result<T> + Send + 'static,
+    ) -> Pair<T> {
+        let pass = flight.take_pass().unwrap_or_else(|| self.gate.pass());
+        let results = match flight.claim_mirror::<Half<T>>() {
+            Some(Half::OnLane(rx, asked)) => self.gather(rx, [None, None], [false, asked], Instant::now()),
+            Some(Half::PrimaryDone(p)) => [p, Some(Err(io::Error::from_raw_os_error(libc::ETIMEDOUT)))],
+            None => {
+                if !self.record_intent(effect, subject) {
+                    return Pair::refused(effect);
+                }
+                return self.on_lanes(effect, pass, pf, mf);
+            }
         };
         Pair {
-            results: self.gather(rx, [p, None], [false, mirror], start),
+            results,
             refused: false,
             effect,
-            pass,
+            pass: Some(pass),
         }
+    }
+
+    /// The mirror's half of a change whose primary half ran inline, run in
+    /// this thread under the request's deadline (`since`). The primary's
+    /// result `p` is parked first, so that if the mirror hangs, a rescuer
+    /// answers with it. Past the inline budget the half goes to the lane.
+    /// None: a rescuer took the request over.
+    #[allow(clippy::too_many_arguments)]
+    fn mirror_after<T: Send + 'static>(
+        &self,
+        flight: &inline::Flight,
+        op: &'static str,
+        since: u64,
+        start: Instant,
+        effect: Effect,
+        p: Option<io::Result<T>>,
+        mf: impl FnOnce(&Volume) -> io::Result<T> + Send + 'static,
+    ) -> Option<[Option<io::Result<T>>; 2]> {
+        let v = match self.volume(Side::Mirror) {
+            Ok(v) if self.serves(Side::Mirror, effect) => v,
+            _ => return Some([p, None]),
+        };
+        if !flight.start_mirror(|| Half::PrimaryDone(p)) {
+            return None;
+        }
+        if let Some(inside) = self.watch.resume(op, Side::Mirror, since) {
+            let m = mf(&v);
+            if !inside.finish() {
+                return None; // rescued while the mirror hung
+            }
+            let Some(Half::PrimaryDone(p)) = flight.take_mirror::<Half<T>>() else {
+                return None;
+            };
+            return Some([p, Some(m)]);
+        }
+        let Some(Half::PrimaryDone(p)) = flight.take_mirror::<Half<T>>() else {
+            return None;
+        };
+        let (tx, rx) = handoff::channel();
+        let asked = self.dispatch(Side::Mirror, effect, mf, tx);
+        Some(self.gather(rx, [p, None], [false, asked], start))
+    }
+
+    /// Both halves on their lanes, concurrently.
+    fn on_lanes<T: Send + 'static>(
+        &self,
+        effect: Effect,
+        pass: Pass,
+        pf: impl FnOnce(&Volume) -> io::Result<T> + Send + 'static,
+        mf: impl FnOnce(&Volume) -> io::Result<T> + Send + 'static,
+    ) -> Pair<T> {
+        let start = Instant::now();
+        let (tx, rx) = handoff::channel();
+        let mirror = self.dispatch(Side::Mirror, effect, mf, tx.clone());
+        let primary = self.dispatch(Side::Primary, effect, pf, tx);
+        Pair {
+            results: self.gather(rx, [None, None], [primary, mirror], start),
+            refused: false,
+            effect,
+            pass: Some(pass),
+        }
+    }
+
+    /// Puts a change in the write-intent record while both sides take
+    /// changes; false if that fails and the change must be refused.
+    fn record_intent(&self, effect: Effect, subject: Subject) -> bool {
+        if effect != Effect::Changes || !Side::BOTH.iter().all(|s| self.health.takes_changes(*s)) {
+            return true;
+        }
+        let Some(intent) = self.intent() else {
+            return true;
+        };
+        let paths = self.intent_paths(subject);
+        let refs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
+        // The record is on the primary: failing to write it is the
+        // primary failing, under the same rules as any operation on it
+        // (the last side up is never taken down: its error is the caller's).
+        let Err(e) = intent.record(&refs) else {
+            return true;
+        };
+        let errno = raw(&e);
+        log::error!("side=primary cannot write the write-intent record: {e}");
+        self.health.count_error(Side::Primary, OP_INTENT);
+        is_side_failure(errno) && self.side_failed(Side::Primary, OP_INTENT, Some(errno), subject)
     }
 
     /// `change2` with one closure for both sides; it is told which side it runs on.
     pub fn change<T: Send + 'static>(
         &self,
+        pace: Pace,
         subject: Subject,
         f: impl Fn(Side, &Volume) -> io::Result<T> + Send + Sync + 'static,
     ) -> Pair<T> {
-        self.each(Effect::Changes, subject, f)
+        self.each(Effect::Changes, pace, subject, f)
     }
 
     /// `on_both` with one closure for both sides.
     pub fn each<T: Send + 'static>(
         &self,
         effect: Effect,
+        pace: Pace,
         subject: Subject,
         f: impl Fn(Side, &Volume) -> io::Result<T> + Send + Sync + 'static,
     ) -> Pair<T> {
@@ -861,6 +993,7 @@ impl Engine {
         let g = f.clone();
         self.on_both(
             effect,
+            pace,
             subject,
             move |v| f(Side::Primary, v),
             move |v| g(Side::Mirror, v),
@@ -967,10 +1100,11 @@ impl Engine {
     pub fn apply<T: Send + 'static>(
         &self,
         op: &str,
+        pace: Pace,
         subject: Subject,
         f: impl Fn(Side, &Volume) -> io::Result<T> + Send + Sync + 'static,
     ) -> io::Result<T> {
-        let mut pair = self.change(subject, f);
+        let mut pair = self.change(pace, subject, f);
         let side = self.settle(op, subject, &pair)?;
         pair.take_ok(side).ok_or_else(eio)
     }
@@ -1005,7 +1139,7 @@ mod engine_tests {
         let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
         let e = engine(&dirs, Duration::from_millis(200));
         let start = Instant::now();
-        let r = e.apply("write", Subject::Path(Path::new("f")), |side, _| {
+        let r = e.apply("write", Pace::Concurrent, Subject::Path(Path::new("f")), |side, _| {
             if side == Side::Mirror {
                 thread::sleep(Duration::from_secs(3));
             }
@@ -1017,30 +1151,44 @@ mod engine_tests {
         assert_eq!(e.health.down_info(Side::Mirror).unwrap().errno, Some(libc::ETIMEDOUT));
         assert_eq!(e.health.counters(Side::Mirror).write, 1);
         // The last side has no deadline: a slow primary is waited for.
-        let r = e.apply("write", Subject::Path(Path::new("f")), |side, _| {
+        let r = e.apply("write", Pace::Concurrent, Subject::Path(Path::new("f")), |side, _| {
             thread::sleep(Duration::from_millis(400));
             Ok(side)
         });
         assert_eq!(r.unwrap(), Side::Primary);
     }
 
-    #[test]
-    fn a_change_hung_in_the_primary_is_answered_from_the_mirror_which_runs_it_once() {
+    /// What `serve_hung_change` saw.
+    struct HungRun {
+        engine: Arc<Engine>,
+        /// Who answered first, and with which side's value, how long after
+        /// the start.
+        who: &'static str,
+        answer: io::Result<Side>,
+        took: Duration,
+        /// How many times each side ran the change.
+        runs: [u64; 2],
+        /// The hung thread's own late result.
+        late: io::Result<Side>,
+    }
+
+    /// Serves one change through the watchdog's rescue machinery, as a
+    /// FUSE thread does, with `hung` sleeping 1.5 s in its half (timeout
+    /// 200 ms).
+    fn serve_hung_change(pace: Pace, hung: Side) -> HungRun {
         let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
         let e = Arc::new(engine(&dirs, Duration::from_millis(200)));
         e.start_watchdog().unwrap();
-        let mirror_runs = Arc::new(AtomicU64::new(0));
+        let runs = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
         let handler = {
-            let (e, runs) = (e.clone(), mirror_runs.clone());
+            let (e, runs) = (e.clone(), runs.clone());
             Arc::new(move || {
                 let runs = runs.clone();
-                e.apply("write", Subject::Path(Path::new("f")), move |side, _| {
-                    match side {
+                e.apply("write", pace, Subject::Path(Path::new("f")), move |side, _| {
+                    runs[side.index()].fetch_add(1, Ordering::SeqCst);
+                    if side == hung {
                         // Only the hung thread ever gets here.
-                        Side::Primary => thread::sleep(Duration::from_millis(1500)),
-                        Side::Mirror => {
-                            runs.fetch_add(1, Ordering::SeqCst);
-                        }
+                        thread::sleep(Duration::from_millis(1500));
                     }
                     Ok(side)
                 })
@@ -1053,23 +1201,66 @@ mod engine_tests {
             rescued.send(("rescuer", h())).unwrap();
         }));
         let start = Instant::now();
-        let (e2, hung) = (e.clone(), tx);
+        let (e2, late) = (e.clone(), tx);
         let t = thread::spawn(move || {
             let r = e2.serve(flight, || handler());
-            hung.send(("hung thread", r)).unwrap();
+            late.send(("hung thread", r)).unwrap();
         });
-        let (who, r) = rx.recv_timeout(Duration::from_secs(5)).unwrap();
-        assert_eq!(who, "rescuer");
-        assert_eq!(r.unwrap(), Side::Mirror);
-        assert!(start.elapsed() < Duration::from_millis(1200), "{:?}", start.elapsed());
-        assert_eq!(e.health.state(Side::Primary), SideState::Down);
-        assert_eq!(e.health.down_info(Side::Primary).unwrap().errno, Some(libc::ETIMEDOUT));
-        // The hung thread's own answer is dropped: it only says it was abandoned.
-        let (who, r) = rx.recv_timeout(Duration::from_secs(5)).unwrap();
-        assert_eq!(who, "hung thread");
-        assert!(r.is_err());
+        let (who, answer) = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        let took = start.elapsed();
+        let (last, late) = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(last, "hung thread");
         t.join().unwrap();
-        assert_eq!(mirror_runs.load(Ordering::SeqCst), 1, "the mirror ran the change once");
+        HungRun {
+            engine: e,
+            who,
+            answer,
+            took,
+            runs: [0, 1].map(|i| runs[i].load(Ordering::SeqCst)),
+            late,
+        }
+    }
+
+    #[test]
+    fn a_change_hung_in_the_primary_is_answered_from_the_mirror_which_runs_it_once() {
+        for pace in [Pace::Sequential, Pace::Concurrent] {
+            let HungRun {
+                engine: e,
+                who,
+                answer,
+                took,
+                runs,
+                late,
+            } = serve_hung_change(pace, Side::Primary);
+            assert_eq!(who, "rescuer", "{pace:?}");
+            assert_eq!(answer.unwrap(), Side::Mirror, "{pace:?}");
+            assert!(took < Duration::from_millis(1200), "{pace:?} {took:?}");
+            assert_eq!(e.health.state(Side::Primary), SideState::Down);
+            assert_eq!(e.health.down_info(Side::Primary).unwrap().errno, Some(libc::ETIMEDOUT));
+            // The hung thread's own answer is dropped: it only says it was abandoned.
+            assert!(late.is_err(), "{pace:?}");
+            assert_eq!(runs, [1, 1], "{pace:?}: each side ran the change once");
+        }
+    }
+
+    #[test]
+    fn a_change_hung_in_the_mirror_is_answered_with_the_primarys_result_run_once() {
+        let HungRun {
+            engine: e,
+            who,
+            answer,
+            took,
+            runs,
+            late,
+        } = serve_hung_change(Pace::Sequential, Side::Mirror);
+        assert_eq!(who, "rescuer");
+        assert_eq!(answer.unwrap(), Side::Primary);
+        assert!(took < Duration::from_millis(1200), "{took:?}");
+        assert_eq!(e.health.state(Side::Mirror), SideState::Down);
+        assert_eq!(e.health.down_info(Side::Mirror).unwrap().errno, Some(libc::ETIMEDOUT));
+        assert!(e.health.is_up(Side::Primary));
+        assert!(late.is_err());
+        assert_eq!(runs, [1, 1], "each side ran the change once");
     }
 
     #[test]
@@ -1096,7 +1287,7 @@ mod engine_tests {
         let e = engine(&dirs, Duration::from_secs(5));
         let j = tempfile::tempdir().unwrap();
         e.set_journal(Side::Primary, PathLog::open(j.path().join("journal")).unwrap());
-        let r = e.apply("unlink", Subject::Path(Path::new("d/x")), |side, _| match side {
+        let r = e.apply("unlink", Pace::Sequential, Subject::Path(Path::new("d/x")), |side, _| match side {
             Side::Primary => Ok(()),
             Side::Mirror => Err(io::Error::from_raw_os_error(libc::ENOENT)),
         });
