@@ -9,7 +9,7 @@
 //! File format: one path per line; `\` and newline in a name are escaped as
 //! `\\` and `\n`, every other byte is written as is.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -27,16 +27,41 @@ pub const INTENT: &str = "intent";
 /// directory renamed while its side was being resynced, or everything).
 const TREE: &str = "\0tree";
 
+/// The first component of a directory recorded for a catch-up of its set
+/// of entries and of the contents of its regular files (sorts after `TREE`).
+const WRITES: &str = "\0writes";
+
 /// `p` marked for a catch-up of its whole tree ("" is everything).
 pub fn tree(p: &Path) -> PathBuf {
     Path::new(TREE).join(p)
 }
 
-/// A recorded path and whether its whole tree is to be caught up.
-pub fn unmark(p: &Path) -> (&Path, bool) {
-    match p.strip_prefix(TREE) {
-        Ok(rest) => (rest, true),
-        Err(_) => (p, false),
+/// Directory `p` marked for a catch-up of its entries and of its regular
+/// files' contents, but not of its subdirectories' (a write to a file
+/// created in the current write-intent epoch: see `Intent::born`).
+pub fn writes_in(p: &Path) -> PathBuf {
+    Path::new(WRITES).join(p)
+}
+
+/// How much of a recorded path is to be caught up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mark {
+    /// The entry itself (for a directory, its set of entries).
+    Entry,
+    /// A directory's entries and its regular files' contents (`writes_in`).
+    Writes,
+    /// Everything below it (`tree`).
+    Tree,
+}
+
+/// A recorded path without its mark, and the mark.
+pub fn unmark(p: &Path) -> (&Path, Mark) {
+    if let Ok(rest) = p.strip_prefix(TREE) {
+        (rest, Mark::Tree)
+    } else if let Ok(rest) = p.strip_prefix(WRITES) {
+        (rest, Mark::Writes)
+    } else {
+        (p, Mark::Entry)
     }
 }
 
@@ -265,7 +290,19 @@ impl PathLog {
 pub struct Intent {
     dir: PathBuf,
     epochs: [PathLog; 2],
-    current: Mutex<usize>,
+    current: Mutex<Epoch>,
+}
+
+/// The current epoch and what it knows in memory only.
+#[derive(Default)]
+struct Epoch {
+    index: usize,
+    /// Inodes created in this epoch (see `born`).
+    born: HashSet<u64>,
+    /// Per epoch: files written under a `writes_in` record of their
+    /// directory rather than under their own, to be synced when the epoch
+    /// is cleared.
+    written: [BTreeSet<PathBuf>; 2],
 }
 
 impl Intent {
@@ -292,19 +329,50 @@ impl Intent {
         Ok(Intent {
             dir: dir.to_path_buf(),
             epochs: [PathLog::open(Self::file(dir, 0))?, PathLog::open(Self::file(dir, 1))?],
-            current: Mutex::new(0),
+            current: Mutex::new(Epoch::default()),
         })
+    }
+
+    fn current(&self) -> MutexGuard<'_, Epoch> {
+        self.current.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Records `paths` in the current epoch before a change is made.
     pub fn record(&self, paths: &[&Path]) -> io::Result<()> {
-        let e = *self.current.lock().unwrap_or_else(|e| e.into_inner());
+        let e = self.current().index;
         self.epochs[e].record(paths)
+    }
+
+    /// Records a write to `file`, created in the current epoch, by a
+    /// `writes_in` mark of its directory: a run of new files in one
+    /// directory then costs one durable record per epoch instead of one
+    /// each (a crash recovery compares the contents of every regular file
+    /// in that directory). `file` is kept in memory to be synced when the
+    /// epoch is cleared.
+    pub fn record_new_file(&self, file: &Path) -> io::Result<()> {
+        let e = self.current().index;
+        let dir = file.parent().unwrap_or(Path::new(""));
+        self.epochs[e].record(&[&writes_in(dir)])?;
+        self.current().written[e].insert(file.to_path_buf());
+        Ok(())
+    }
+
+    /// Notes that inode `ino` was created in the current epoch.
+    pub fn born(&self, ino: u64) {
+        self.current().born.insert(ino);
+    }
+
+    /// True if inode `ino` was created in the current epoch: writes to it
+    /// are recorded by `record_new_file`. (Only the cost of a crash
+    /// recovery depends on it, not what it repairs: a directory whose
+    /// files are all compared covers a write to any of them.)
+    pub fn is_new(&self, ino: u64) -> bool {
+        self.current().born.contains(&ino)
     }
 
     /// True when the current epoch records nothing.
     pub fn idle(&self) -> bool {
-        let e = *self.current.lock().unwrap_or_else(|e| e.into_inner());
+        let e = self.current().index;
         self.epochs[e].is_empty()
     }
 
@@ -312,20 +380,26 @@ impl Intent {
     /// it does (the engine's gate), so that no change of the old epoch is in
     /// flight afterwards. Returns the old epoch.
     pub fn switch(&self) -> usize {
-        let mut cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
-        let old = *cur;
-        *cur = 1 - old;
+        let mut cur = self.current();
+        let old = cur.index;
+        cur.index = 1 - old;
+        cur.born.clear();
         old
     }
 
-    /// The paths epoch `e` records.
+    /// The paths epoch `e` records, and the files written under its
+    /// `writes_in` marks.
     pub fn paths(&self, e: usize) -> BTreeSet<PathBuf> {
-        self.epochs[e].paths()
+        let mut all = self.epochs[e].paths();
+        all.extend(self.current().written[e].iter().cloned());
+        all
     }
 
     /// Forgets epoch `e` once its changes are durable on both sides.
     pub fn clear(&self, e: usize) -> io::Result<()> {
-        self.epochs[e].clear()
+        self.epochs[e].clear()?;
+        self.current().written[e].clear();
+        Ok(())
     }
 
     pub fn dir(&self) -> &Path {
@@ -386,7 +460,20 @@ mod tests {
         );
         again.record(&[&tree(Path::new(""))]).unwrap();
         let first = PathLog::open(t.path().join("j")).unwrap().first().unwrap();
-        assert_eq!(unmark(&first), (Path::new(""), true), "a whole-tree mark sorts first");
+        assert_eq!(
+            unmark(&first),
+            (Path::new(""), Mark::Tree),
+            "a whole-tree mark sorts first"
+        );
+        again.record(&[&writes_in(Path::new(""))]).unwrap();
+        let first = PathLog::open(t.path().join("j")).unwrap().first().unwrap();
+        assert_eq!(
+            unmark(&first),
+            (Path::new(""), Mark::Tree),
+            "a whole-tree mark sorts first"
+        );
+        assert_eq!(unmark(&writes_in(Path::new("d"))), (Path::new("d"), Mark::Writes));
+        assert_eq!(unmark(Path::new("d/e")), (Path::new("d/e"), Mark::Entry));
         again.clear().unwrap();
         assert!(PathLog::open(t.path().join("j")).unwrap().is_empty());
     }
@@ -405,5 +492,29 @@ mod tests {
             Intent::leftover(t.path()).unwrap(),
             BTreeSet::from([PathBuf::from("b")])
         );
+    }
+
+    #[test]
+    fn a_new_file_is_recorded_by_its_directory_and_synced_by_name_until_the_epoch_ends() {
+        let t = tempfile::tempdir().unwrap();
+        let i = Intent::open(t.path()).unwrap();
+        i.born(7);
+        assert!(i.is_new(7) && !i.is_new(8));
+        i.record_new_file(Path::new("d/f")).unwrap();
+        i.record_new_file(Path::new("d/g")).unwrap();
+        // Durably: the directory's mark, once.
+        assert_eq!(
+            Intent::leftover(t.path()).unwrap(),
+            BTreeSet::from([writes_in(Path::new("d"))])
+        );
+        let old = i.switch();
+        assert!(!i.is_new(7), "an inode is new only in the epoch it was created in");
+        assert_eq!(
+            i.paths(old),
+            BTreeSet::from([writes_in(Path::new("d")), PathBuf::from("d/f"), PathBuf::from("d/g")])
+        );
+        i.clear(old).unwrap();
+        assert!(i.paths(old).is_empty());
+        assert!(Intent::leftover(t.path()).unwrap().is_empty());
     }
 }

@@ -388,7 +388,9 @@ mod tests {
         let (tx, rx) = mpsc::channel();
         watch
             .clone()
-            .run(Arc::downgrade(&owner), |_, op, _| (op == "read").then_some(Rescue::Rerun))
+            .run(Arc::downgrade(&owner), |_, op, _| {
+                (op == "read").then_some(Rescue::Rerun)
+            })
             .unwrap();
         let w = watch.clone();
         let stuck = thread::spawn(move || {

@@ -522,20 +522,22 @@ impl Engine {
     ///   the mirror's half started, settled as the mirror's timeout (so
     ///   `noswitch` answers EIO there).
     pub fn start_watchdog(self: &Arc<Engine>) -> io::Result<()> {
-        self.watch.clone().run(Arc::downgrade(self), |engine: &Engine, op, side| {
-            if !engine.health.is_up(side.other()) {
-                return None; // the last side up has no deadline
-            }
-            engine.health.count_error(side, op);
-            engine.side_failed(side, op, Some(libc::ETIMEDOUT), Subject::Mount);
-            if engine.health.is_up(side) {
-                return None;
-            }
-            Some(match (side, engine.config.policy) {
-                (Side::Primary, Policy::NoSwitch) => inline::Rescue::Fail(libc::EIO),
-                _ => inline::Rescue::Rerun,
+        self.watch
+            .clone()
+            .run(Arc::downgrade(self), |engine: &Engine, op, side| {
+                if !engine.health.is_up(side.other()) {
+                    return None; // the last side up has no deadline
+                }
+                engine.health.count_error(side, op);
+                engine.side_failed(side, op, Some(libc::ETIMEDOUT), Subject::Mount);
+                if engine.health.is_up(side) {
+                    return None;
+                }
+                Some(match (side, engine.config.policy) {
+                    (Side::Primary, Policy::NoSwitch) => inline::Rescue::Fail(libc::EIO),
+                    _ => inline::Rescue::Rerun,
+                })
             })
-        })
     }
 
     /// Queues `f` on `side`'s lane; false if the side is out of service.
@@ -957,12 +959,23 @@ impl Engine {
         let Some(intent) = self.intent() else {
             return true;
         };
-        let paths = self.intent_paths(subject);
-        let refs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
+        let r = match subject {
+            // A file created in this epoch: by its directory (see
+            // `Intent::record_new_file`).
+            Subject::Inode(ino) if intent.is_new(ino) => match self.path_of(subject) {
+                Some(p) => intent.record_new_file(&p),
+                None => Ok(()),
+            },
+            _ => {
+                let paths = self.intent_paths(subject);
+                let refs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
+                intent.record(&refs)
+            }
+        };
         // The record is on the primary: failing to write it is the
         // primary failing, under the same rules as any operation on it
         // (the last side up is never taken down: its error is the caller's).
-        let Err(e) = intent.record(&refs) else {
+        let Err(e) = r else {
             return true;
         };
         let errno = raw(&e);
@@ -1287,10 +1300,15 @@ mod engine_tests {
         let e = engine(&dirs, Duration::from_secs(5));
         let j = tempfile::tempdir().unwrap();
         e.set_journal(Side::Primary, PathLog::open(j.path().join("journal")).unwrap());
-        let r = e.apply("unlink", Pace::Sequential, Subject::Path(Path::new("d/x")), |side, _| match side {
-            Side::Primary => Ok(()),
-            Side::Mirror => Err(io::Error::from_raw_os_error(libc::ENOENT)),
-        });
+        let r = e.apply(
+            "unlink",
+            Pace::Sequential,
+            Subject::Path(Path::new("d/x")),
+            |side, _| match side {
+                Side::Primary => Ok(()),
+                Side::Mirror => Err(io::Error::from_raw_os_error(libc::ENOENT)),
+            },
+        );
         assert!(r.is_ok());
         assert_eq!(e.divergences(), 1);
         assert_eq!(e.pending_paths(), 1);

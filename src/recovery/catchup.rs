@@ -536,8 +536,10 @@ impl Catchup {
 
 /// The path to reconcile and how deep, from a journal entry.
 fn depth_of(p: &Path) -> (&Path, Depth) {
+    use crate::journal::Mark;
     match crate::journal::unmark(p) {
-        (rel, true) => (rel, Depth::Tree),
-        (rel, false) => (rel, Depth::Entry),
+        (rel, Mark::Tree) => (rel, Depth::Tree),
+        (rel, Mark::Writes) => (rel, Depth::Writes),
+        (rel, Mark::Entry) => (rel, Depth::Entry),
     }
 }

@@ -40,6 +40,9 @@ pub enum Depth {
     /// missing on the destination are copied whole, extra ones removed, but
     /// children present on both sides are not descended into.
     Entry,
+    /// For a directory, `Entry`, and the contents of every regular file in
+    /// it too (not of its subdirectories).
+    Writes,
     /// The entry and everything below it.
     Tree,
 }
@@ -246,6 +249,12 @@ impl<'a, A: Access> Copier<'a, A> {
                 .filter(|n| !(root && n == META_DIR))
                 .collect()
         };
+        // DT_UNKNOWN may be a file: compared too (one lstat more).
+        let files: BTreeSet<OsString> = src_kids
+            .iter()
+            .filter(|k| depth == Depth::Writes && matches!(k.dtype, libc::DT_REG | libc::DT_UNKNOWN))
+            .map(|k| k.name.clone())
+            .collect();
         let (src_names, dst_names) = (names(src_kids), names(dst_kids));
         for n in dst_names.difference(&src_names) {
             self.remove(&volume::child(rel, n))?;
@@ -253,6 +262,8 @@ impl<'a, A: Access> Copier<'a, A> {
         for n in &src_names {
             if depth == Depth::Tree || !dst_names.contains(n) {
                 self.entry(&volume::child(rel, n), Depth::Tree)?;
+            } else if files.contains(n) {
+                self.entry(&volume::child(rel, n), Depth::Entry)?;
             }
         }
         Ok(Some(!exists))
@@ -908,6 +919,31 @@ mod tests {
         assert_eq!(fs::read(p.b.join("d/new/deeper/f")).unwrap(), b"whole");
         assert!(!p.b.join("d/extra").exists());
         assert_eq!(fs::read(p.b.join("d/both/f")).unwrap(), b"dst");
+        p.run("d", Depth::Tree);
+        p.assert_same();
+    }
+
+    #[test]
+    fn writes_depth_also_compares_the_files_in_the_directory_but_not_below() {
+        let p = pair();
+        for d in [&p.a, &p.b] {
+            fs::create_dir_all(d.join("d/sub")).unwrap();
+        }
+        // The same size on both sides: only the contents differ.
+        fs::write(p.a.join("d/f"), b"src").unwrap();
+        fs::write(p.b.join("d/f"), b"dst").unwrap();
+        fs::write(p.a.join("d/sub/g"), b"src").unwrap();
+        fs::write(p.b.join("d/sub/g"), b"dst").unwrap();
+        fs::write(p.a.join("d/new"), b"new").unwrap();
+
+        p.run("d", Depth::Writes);
+        assert_eq!(fs::read(p.b.join("d/f")).unwrap(), b"src");
+        assert_eq!(fs::read(p.b.join("d/new")).unwrap(), b"new");
+        assert_eq!(
+            fs::read(p.b.join("d/sub/g")).unwrap(),
+            b"dst",
+            "subdirectories are not descended into"
+        );
         p.run("d", Depth::Tree);
         p.assert_same();
     }
