@@ -25,7 +25,7 @@ use crate::engine::{Engine, EngineConfig, Policy};
 use crate::events::{Event, Events, Kind};
 use crate::fs::{FsConfig, MirrorFs};
 use crate::health::{Health, Probe, SideState, errno_label, errno_name};
-use crate::journal::Intent;
+use crate::journal::{Intent, SYNC_BY_NAME};
 use crate::meta;
 use crate::recovery::catchup::Catchup;
 use crate::runtime::{Failure, RUN_DIR, mirrorfs_mounts, runtime_file};
@@ -571,9 +571,6 @@ fn intent_period() -> Duration {
         .unwrap_or(3000);
     Duration::from_millis(centis * 10).clamp(INTENT_CLEAR[0], INTENT_CLEAR[1])
 }
-/// Past this many paths in an epoch, clearing it syncs the sides' whole
-/// filesystems instead of each path.
-const SYNCFS_ABOVE: usize = 256;
 
 /// Opens each served side's journal and the write-intent record. A
 /// write-intent record left by a run that did not end cleanly names the
@@ -650,7 +647,7 @@ fn clear_intent(engine: &Arc<Engine>) {
         // A few files are synced one by one, so that other data on the
         // sides' filesystems is not forced out with ours; past a few
         // hundred, one syncfs costs less than their fsyncs.
-        let r = if p.len() > SYNCFS_ABOVE {
+        let r = if p.len() > SYNC_BY_NAME {
             engine.on_side(side, "syncfs", |v| v.syncfs())
         } else {
             engine.on_side(side, "fsync", move |v| v.sync_paths(p.iter().map(PathBuf::as_path)))

@@ -282,6 +282,11 @@ impl PathLog {
     }
 }
 
+/// Past this many paths in an epoch, clearing it syncs the sides' whole
+/// filesystems (`syncfs`) instead of each path: the names of files written
+/// under a `writes_in` mark are then no longer kept.
+pub const SYNC_BY_NAME: usize = 256;
+
 /// The write-intent record: every path with a change in flight is in it
 /// before the change reaches either side. It has two epochs; paths go into
 /// the current one. Clearing (lazily, in the background) moves to the other
@@ -301,7 +306,9 @@ struct Epoch {
     born: HashSet<u64>,
     /// Per epoch: files written under a `writes_in` record of their
     /// directory rather than under their own, to be synced when the epoch
-    /// is cleared.
+    /// is cleared; no more than `SYNC_BY_NAME` and one (past that, the
+    /// epoch is cleared by `syncfs`, and 100,000 new files would keep
+    /// 100,000 names in memory for nothing).
     written: [BTreeSet<PathBuf>; 2],
 }
 
@@ -353,7 +360,10 @@ impl Intent {
         let e = self.current().index;
         let dir = file.parent().unwrap_or(Path::new(""));
         self.epochs[e].record(&[&writes_in(dir)])?;
-        self.current().written[e].insert(file.to_path_buf());
+        let mut cur = self.current();
+        if cur.written[e].len() <= SYNC_BY_NAME {
+            cur.written[e].insert(file.to_path_buf());
+        }
         Ok(())
     }
 
@@ -516,5 +526,16 @@ mod tests {
         i.clear(old).unwrap();
         assert!(i.paths(old).is_empty());
         assert!(Intent::leftover(t.path()).unwrap().is_empty());
+        // Past what is synced by name, names are not kept, but the epoch
+        // still has more paths than that (so it is synced whole).
+        for n in 0..2 * SYNC_BY_NAME {
+            i.record_new_file(&PathBuf::from(format!("d/{n}"))).unwrap();
+        }
+        let old = i.switch();
+        assert_eq!(
+            i.paths(old).len(),
+            SYNC_BY_NAME + 2,
+            "the mark and SYNC_BY_NAME + 1 names"
+        );
     }
 }
