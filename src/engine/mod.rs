@@ -912,22 +912,28 @@ impl Engine {
         if !flight.start_mirror(|| Half::PrimaryDone(p)) {
             return None;
         }
-        if let Some(inside) = self.watch.resume(op, Side::Mirror, since) {
-            let m = mf(&v);
-            if !inside.finish() {
-                return None; // rescued while the mirror hung
+        // Past the budget, the half is handed back for the lane.
+        let m = match self.watch.resume(op, Side::Mirror, since) {
+            Some(inside) => {
+                let m = mf(&v);
+                if !inside.finish() {
+                    return None; // rescued while the mirror hung
+                }
+                Ok(m)
             }
-            let Some(Half::PrimaryDone(p)) = flight.take_mirror::<Half<T>>() else {
-                return None;
-            };
-            return Some([p, Some(m)]);
-        }
+            None => Err(mf),
+        };
         let Some(Half::PrimaryDone(p)) = flight.take_mirror::<Half<T>>() else {
             return None;
         };
-        let (tx, rx) = handoff::channel();
-        let asked = self.dispatch(Side::Mirror, effect, mf, tx);
-        Some(self.gather(rx, [p, None], [false, asked], start))
+        match m {
+            Ok(m) => Some([p, Some(m)]),
+            Err(mf) => {
+                let (tx, rx) = handoff::channel();
+                let asked = self.dispatch(Side::Mirror, effect, mf, tx);
+                Some(self.gather(rx, [p, None], [false, asked], start))
+            }
+        }
     }
 
     /// Both halves on their lanes, concurrently.
@@ -1234,46 +1240,39 @@ mod engine_tests {
         }
     }
 
+    /// Serves a change with `hung` hanging (`serve_hung_change`) and checks
+    /// that a rescuer answered it from the other side within the deadline,
+    /// that `hung` is down with ETIMEDOUT, that the hung thread's own late
+    /// answer was dropped, and that each side ran the change once.
+    fn assert_answered_by_the_other_side(pace: Pace, hung: Side) -> Arc<Engine> {
+        let run = serve_hung_change(pace, hung);
+        let what = format!("{hung} hung, {pace:?}");
+        assert_eq!(run.who, "rescuer", "{what}");
+        assert_eq!(run.answer.unwrap(), hung.other(), "{what}");
+        assert!(run.took < Duration::from_millis(1200), "{what}: {:?}", run.took);
+        assert_eq!(run.engine.health.state(hung), SideState::Down, "{what}");
+        assert_eq!(
+            run.engine.health.down_info(hung).unwrap().errno,
+            Some(libc::ETIMEDOUT),
+            "{what}"
+        );
+        // The hung thread's own answer is dropped: it only says it was abandoned.
+        assert!(run.late.is_err(), "{what}");
+        assert_eq!(run.runs, [1, 1], "{what}: each side ran the change once");
+        run.engine
+    }
+
     #[test]
     fn a_change_hung_in_the_primary_is_answered_from_the_mirror_which_runs_it_once() {
         for pace in [Pace::Sequential, Pace::Concurrent] {
-            let HungRun {
-                engine: e,
-                who,
-                answer,
-                took,
-                runs,
-                late,
-            } = serve_hung_change(pace, Side::Primary);
-            assert_eq!(who, "rescuer", "{pace:?}");
-            assert_eq!(answer.unwrap(), Side::Mirror, "{pace:?}");
-            assert!(took < Duration::from_millis(1200), "{pace:?} {took:?}");
-            assert_eq!(e.health.state(Side::Primary), SideState::Down);
-            assert_eq!(e.health.down_info(Side::Primary).unwrap().errno, Some(libc::ETIMEDOUT));
-            // The hung thread's own answer is dropped: it only says it was abandoned.
-            assert!(late.is_err(), "{pace:?}");
-            assert_eq!(runs, [1, 1], "{pace:?}: each side ran the change once");
+            assert_answered_by_the_other_side(pace, Side::Primary);
         }
     }
 
     #[test]
     fn a_change_hung_in_the_mirror_is_answered_with_the_primarys_result_run_once() {
-        let HungRun {
-            engine: e,
-            who,
-            answer,
-            took,
-            runs,
-            late,
-        } = serve_hung_change(Pace::Sequential, Side::Mirror);
-        assert_eq!(who, "rescuer");
-        assert_eq!(answer.unwrap(), Side::Primary);
-        assert!(took < Duration::from_millis(1200), "{took:?}");
-        assert_eq!(e.health.state(Side::Mirror), SideState::Down);
-        assert_eq!(e.health.down_info(Side::Mirror).unwrap().errno, Some(libc::ETIMEDOUT));
+        let e = assert_answered_by_the_other_side(Pace::Sequential, Side::Mirror);
         assert!(e.health.is_up(Side::Primary));
-        assert!(late.is_err());
-        assert_eq!(runs, [1, 1], "each side ran the change once");
     }
 
     #[test]
