@@ -330,14 +330,16 @@ impl Control {
         }
     }
 
-    /// The event log: the answering side's file, or the events in memory if
-    /// it cannot be read.
+    /// The event log: the answering side's file, then the events in memory
+    /// that its writer has not appended yet (all of them if the file cannot
+    /// be read). Without the second part, an event emitted just before a
+    /// follower subscribed could be neither in the file nor in its stream.
     fn log(&self) -> Vec<Event> {
         let side = self.engine.reader();
-        match read_log(self.spec.side(side)) {
-            Ok(ev) if !ev.is_empty() => ev,
-            _ => self.engine.events.recent(),
-        }
+        let mut log = read_log(self.spec.side(side)).unwrap_or_default();
+        let last = log.iter().map(|e| e.seq).max().unwrap_or(0);
+        log.extend(self.engine.events.recent().into_iter().filter(|e| e.seq > last));
+        log
     }
 }
 
