@@ -28,7 +28,7 @@ use crate::health::{Health, Probe, SideState, errno_label, errno_name};
 use crate::journal::{Intent, SYNC_BY_NAME};
 use crate::meta;
 use crate::recovery::catchup::Catchup;
-use crate::runtime::{Failure, RUN_DIR, mirrorfs_mounts, runtime_file};
+use crate::runtime::{EXIT_WAIT, Failure, Liveness, RUN_DIR, liveness, mirrorfs_mounts, runtime_file};
 use crate::spec::{MountSpec, Options, Side};
 use crate::volume::Volume;
 
@@ -75,6 +75,7 @@ fn holds_data(root: &Path) -> bool {
 fn prepare(spec: &str, mountpoint: &Path, opts: Options) -> Result<Prepared, Failure> {
     let cwd =
         std::env::current_dir().map_err(|e| Failure::Runtime(format!("cannot read the current directory: {e}")))?;
+    clear_dead_mount(&crate::spec::absolutize(mountpoint, &cwd))?;
     let spec = crate::spec::validate(spec, mountpoint, &opts, &cwd).map_err(Failure::Usage)?;
     if mirrorfs_mounts().iter().any(|m| m.mountpoint == spec.mountpoint) {
         return Err(Failure::Runtime(format!(
@@ -833,18 +834,58 @@ fn unmount_now(mnt: &Path) -> io::Result<()> {
     }
 }
 
-/// True while `pid` exists and has not exited (a zombie waiting for its
-/// parent to reap it has finished; threads stuck on a hung side may outlive
-/// it, but the daemon released its side locks before it ended).
-fn process_running(pid: i32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => {
-            stat.rsplit_once(')')
-                .and_then(|(_, rest)| rest.trim_start().chars().next())
-                != Some('Z')
-        }
-        Err(_) => false,
+/// A mirrorfs mount already at `mnt` is refused while its daemon runs. One
+/// left by a daemon that was killed is detached, once that daemon has
+/// finished exiting (waiting up to `EXIT_WAIT`), so that a restart right
+/// after a crash (systemd's `Restart=on-failure`) finds the mountpoint free.
+fn clear_dead_mount(mnt: &Path) -> Result<(), Failure> {
+    // The mount table holds canonical paths; a dead mount's own path cannot
+    // be resolved (ENOTCONN), its parent can.
+    let mnt = match (mnt.parent().map(fs::canonicalize), mnt.file_name()) {
+        (Some(Ok(parent)), Some(name)) => parent.join(name),
+        _ => mnt.to_path_buf(),
+    };
+    if !mirrorfs_mounts().iter().any(|m| m.mountpoint == mnt) {
+        return Ok(());
     }
+    let pid: Option<i32> = fs::read_to_string(runtime_file(&mnt, "pid"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok());
+    let answering = || std::os::unix::net::UnixStream::connect(control::socket_path(&mnt)).is_ok();
+    let busy = Failure::Runtime(format!("{} is already a mirrorfs mount", mnt.display()));
+    match pid.map(liveness) {
+        Some(Liveness::Running) => return Err(busy),
+        None if answering() => return Err(busy),
+        _ => {}
+    }
+    if let Some(pid) = pid
+        && liveness(pid) == Liveness::Exiting
+    {
+        log::warn!(
+            "the daemon of the mount at {} (pid {pid}) is exiting: waiting up to {} s for it",
+            mnt.display(),
+            EXIT_WAIT.as_secs()
+        );
+        let deadline = Instant::now() + EXIT_WAIT;
+        while liveness(pid) == Liveness::Exiting && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let c = CString::new(mnt.as_os_str().as_bytes()).map_err(|_| Failure::Usage("bad path".into()))?;
+    // SAFETY: valid C string.
+    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+        let e = io::Error::last_os_error();
+        return Err(Failure::Runtime(format!(
+            "cannot detach the mount at {} left by a daemon that is gone: {e}",
+            mnt.display()
+        )));
+    }
+    log::warn!(
+        "detached the mount at {} left by a daemon that is gone{}",
+        mnt.display(),
+        pid.map_or(String::new(), |p| format!(" (pid {p})"))
+    );
+    Ok(())
 }
 
 /// `mirrorfs unmount`: unmounts and waits for the daemon to finish.
@@ -866,7 +907,9 @@ pub fn unmount(mountpoint: &Path) -> Result<(), Failure> {
     }
     if let Some(pid) = pid {
         let deadline = Instant::now() + Duration::from_secs(30);
-        while process_running(pid) && Instant::now() < deadline {
+        // Until its main thread has ended: threads stuck on a hung side may
+        // outlive it, but the daemon released its side locks before that.
+        while liveness(pid) == Liveness::Running && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -9,10 +9,11 @@ use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use crate::runtime::{EXIT_WAIT, Liveness, holders_of, liveness};
 use crate::spec::Side;
 use crate::volume::META_DIR;
 
@@ -261,6 +262,10 @@ impl SideLock {
     }
 }
 
+/// Takes the side's lock. A lock held by a running process is refused at
+/// once; one held by a daemon that is exiting (just killed, its threads
+/// still finishing) is waited for, up to `EXIT_WAIT`, so that a restart
+/// right after a crash succeeds.
 pub fn lock_side(side: Side, root: &Path) -> Result<SideLock, String> {
     let path = meta_dir(root).join(LOCK);
     let file = OpenOptions::new()
@@ -269,14 +274,52 @@ pub fn lock_side(side: Side, root: &Path) -> Result<SideLock, String> {
         .truncate(false)
         .open(&path)
         .map_err(|e| format!("{side} {}: cannot open {}: {e}", root.display(), path.display()))?;
-    // SAFETY: valid fd.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Err(format!(
-            "{side} {} is already in use by another mirrorfs mount",
-            root.display()
-        ));
+    let me = std::process::id() as i32;
+    let mut deadline = None;
+    loop {
+        // SAFETY: valid fd.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(SideLock { _file: file });
+        }
+        // One fd per holder's open; ours is among them.
+        let (mine, mut others): (Vec<i32>, Vec<i32>) = holders_of(&path).into_iter().partition(|&p| p == me);
+        others.dedup();
+        let running = if mine.len() > 1 {
+            Some(me)
+        } else {
+            others.iter().copied().find(|&p| liveness(p) == Liveness::Running)
+        };
+        if let Some(pid) = running {
+            return Err(format!(
+                "{side} {} is already in use by another mirrorfs mount (pid {pid})",
+                root.display()
+            ));
+        }
+        let who = match others.as_slice() {
+            [] => "a process that is exiting".to_string(),
+            pids => format!("pid {}, which is exiting", join(pids)),
+        };
+        let deadline = *deadline.get_or_insert_with(|| {
+            log::warn!(
+                "side={side} path={}: its lock is held by {who}: waiting up to {} s for it",
+                root.display(),
+                EXIT_WAIT.as_secs()
+            );
+            Instant::now() + EXIT_WAIT
+        });
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "{side} {} is still locked by {who}, {} s on",
+                root.display(),
+                EXIT_WAIT.as_secs()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
-    Ok(SideLock { _file: file })
+}
+
+fn join(pids: &[i32]) -> String {
+    pids.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", ")
 }
 
 #[cfg(test)]

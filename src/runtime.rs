@@ -7,6 +7,7 @@
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// Exit code for "unknown": not a mirrorfs mount, or no daemon answering
 /// (the monitoring-plugin convention `mirrorfs status` follows).
@@ -45,6 +46,76 @@ impl Failure {
 pub fn runtime_file(mountpoint: &Path, ext: &str) -> PathBuf {
     let h = xxhash_rust::xxh3::xxh3_64(mountpoint.as_os_str().as_bytes());
     Path::new(RUN_DIR).join(format!("{h:016x}.{ext}"))
+}
+
+/// How long a new mount waits for a daemon that is exiting (after a
+/// `kill -9`, say) to let go of its mount and its side locks.
+pub const EXIT_WAIT: Duration = Duration::from_secs(10);
+
+/// Where a process is on its way out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Liveness {
+    Running,
+    /// Killed or exiting, but some of it is still there (threads finishing
+    /// a system call, files not yet closed).
+    Exiting,
+    /// No longer there, or a zombie whose threads have all ended.
+    Gone,
+}
+
+/// How alive the process `pid` is, from /proc.
+pub fn liveness(pid: i32) -> Liveness {
+    const PF_EXITING: u64 = 0x4;
+    const SIGKILL_BIT: u64 = 1 << (libc::SIGKILL - 1);
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return Liveness::Gone;
+    };
+    // Fields after the command name: state, ppid, pgrp, session, tty_nr,
+    // tpgid, flags, ...
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(Vec::new(), |(_, r)| r.split_whitespace().collect());
+    let state = fields.first().copied().unwrap_or("X");
+    let flags: u64 = fields.get(6).and_then(|f| f.parse().ok()).unwrap_or(0);
+    let threads = fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count());
+    if matches!(state, "Z" | "X") {
+        return if threads > 1 { Liveness::Exiting } else { Liveness::Gone };
+    }
+    if flags & PF_EXITING != 0 {
+        return Liveness::Exiting;
+    }
+    // A SIGKILL sent but not yet acted on: the process is as good as gone.
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let killed = status.lines().any(|l| {
+        l.strip_prefix("ShdPnd:")
+            .or_else(|| l.strip_prefix("SigPnd:"))
+            .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+            .is_some_and(|m| m & SIGKILL_BIT != 0)
+    });
+    if killed { Liveness::Exiting } else { Liveness::Running }
+}
+
+/// The processes that have `path` open, once per open fd, found by their
+/// fd links (read without touching the file, so a hung side cannot hold
+/// the search).
+pub fn holders_of(path: &Path) -> Vec<i32> {
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut holders = Vec::new();
+    for pid in procs
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+    {
+        let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        let open = fds
+            .flatten()
+            .filter(|fd| fs::read_link(fd.path()).is_ok_and(|l| l == path));
+        holders.extend(open.map(|_| pid));
+    }
+    holders
 }
 
 /// One line of /proc/self/mountinfo that is a mirrorfs mount.
@@ -97,6 +168,34 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tells_a_running_process_from_a_killed_one() {
+        let me = std::process::id() as i32;
+        assert_eq!(liveness(me), Liveness::Running);
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let pid = child.id() as i32;
+        assert_eq!(liveness(pid), Liveness::Running);
+        child.kill().unwrap();
+        // Killed but not yet reaped: on its way out, or a zombie.
+        assert_ne!(liveness(pid), Liveness::Running);
+        child.wait().unwrap();
+        assert_eq!(liveness(pid), Liveness::Gone);
+    }
+
+    #[test]
+    fn finds_each_open_of_a_file() {
+        let t = tempfile::tempdir().unwrap();
+        let path = fs::canonicalize(t.path()).unwrap().join("f");
+        let me = std::process::id() as i32;
+        assert_eq!(holders_of(&path), Vec::<i32>::new());
+        let a = fs::File::create(&path).unwrap();
+        assert_eq!(holders_of(&path), vec![me]);
+        let b = fs::File::open(&path).unwrap();
+        assert_eq!(holders_of(&path), vec![me, me]);
+        drop((a, b));
+        assert_eq!(holders_of(&path), Vec::<i32>::new());
+    }
 
     #[test]
     fn finds_mirrorfs_mounts_in_mountinfo() {

@@ -141,19 +141,7 @@ impl Mounted {
     /// mount appears.
     fn spawn(&mut self, opts: &str) {
         let spec = format!("{}|{}", self.primary.display(), self.mirror.display());
-        let mut cmd = Command::new(BIN);
-        cmd.args(["mount", "-f"]);
-        if !opts.is_empty() {
-            cmd.args(["-o", opts]);
-        }
-        let child = cmd
-            .arg(&spec)
-            .arg(&self.mnt)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn mirrorfs");
-        self.child = Some(child);
+        self.child = Some(self.mount_command(opts).spawn().expect("spawn mirrorfs"));
         let deadline = Instant::now() + Duration::from_secs(20);
         while !is_mounted(&self.mnt) {
             if let Some(st) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
@@ -163,6 +151,60 @@ impl Mounted {
             assert!(Instant::now() < deadline, "mount did not appear within 20 s");
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// `mirrorfs mount -f [-o opts] PRIMARY|MIRROR MOUNTPOINT` for this pair.
+    fn mount_command(&self, opts: &str) -> Command {
+        let spec = format!("{}|{}", self.primary.display(), self.mirror.display());
+        let mut cmd = Command::new(BIN);
+        cmd.args(["mount", "-f"]);
+        if !opts.is_empty() {
+            cmd.args(["-o", opts]);
+        }
+        cmd.arg(&spec)
+            .arg(&self.mnt)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// `kill -9` of the daemon and, at once, the same mount command again,
+    /// as systemd's `Restart=on-failure` does, while the killed daemon may
+    /// still be exiting. Returns how long until the new daemon answered
+    /// status for the mount; panics if the new mount fails.
+    pub fn kill9_and_restart(&mut self, opts: &str) -> Duration {
+        let mut old = self.child.take().expect("a daemon to kill");
+        let _ = old.kill(); // SIGKILL, not waited for
+        let start = Instant::now();
+        let mut new = self.mount_command(opts).spawn().expect("spawn mirrorfs");
+        let deadline = start + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(st)) = new.try_wait() {
+                let _ = old.wait();
+                panic!("the mount right after kill -9 exited: {st} (its message is above)");
+            }
+            let out = run_within(
+                Command::new(BIN).args(["status", "--json"]).arg(&self.mnt),
+                Duration::from_secs(10),
+            );
+            let pid = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                .ok()
+                .and_then(|v| v["pid"].as_u64());
+            if pid == Some(u64::from(new.id())) {
+                break;
+            }
+            if Instant::now() > deadline {
+                let _ = new.kill();
+                let _ = new.wait();
+                let _ = old.wait();
+                panic!("the mount right after kill -9 did not answer status within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let took = start.elapsed();
+        let _ = old.wait();
+        self.child = Some(new);
+        took
     }
 
     /// The pid of the daemon serving this mount.
