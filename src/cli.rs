@@ -121,6 +121,10 @@ pub fn from_mount_helper(args: &[String]) -> Vec<String> {
                     out.push(v.clone());
                 }
             }
+            o if o.starts_with("-o") && o.len() > 2 => {
+                out.push("-o".into());
+                out.push(o[2..].to_string());
+            }
             "-f" => out.push("-f".into()),
             "-n" | "-s" | "-v" => {}
             _ => positional.push(a.clone()),
@@ -193,6 +197,14 @@ mod tests {
         assert_eq!(
             from_mount_helper(&args),
             vec!["mirrorfs", "mount", "-o", "rw,allow_other", "/p|/m", "/mnt"]
+        );
+        let args: Vec<String> = ["mirrorfs", "/p|/m", "/mnt", "-ohook=/bin/true", "-s"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(
+            from_mount_helper(&args),
+            vec!["mirrorfs", "mount", "-o", "hook=/bin/true", "/p|/m", "/mnt"]
         );
     }
 }

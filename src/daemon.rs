@@ -72,9 +72,12 @@ fn holds_data(root: &Path) -> bool {
         .unwrap_or(true)
 }
 
-fn prepare(spec: &str, mountpoint: &Path, opts: Options) -> Result<Prepared, Failure> {
+fn prepare(spec: &str, mountpoint: &Path, mut opts: Options) -> Result<Prepared, Failure> {
     let cwd =
         std::env::current_dir().map_err(|e| Failure::Runtime(format!("cannot read the current directory: {e}")))?;
+    if let Some(hook) = &opts.hook {
+        opts.hook = Some(crate::spec::resolve_hook(hook, &cwd).map_err(Failure::Usage)?);
+    }
     clear_dead_mount(&crate::spec::absolutize(mountpoint, &cwd))?;
     let spec = crate::spec::validate(spec, mountpoint, &opts, &cwd).map_err(Failure::Usage)?;
     if mirrorfs_mounts().iter().any(|m| m.mountpoint == spec.mountpoint) {

@@ -28,7 +28,11 @@ pub fn run(args: Vec<String>) -> ExitCode {
         .first()
         .map(|a| a.rsplit('/').next().unwrap_or(a).to_string())
         .unwrap_or_default();
-    let args = if prog.starts_with("mount.") {
+    // mount(8) runs `mount.fuse.mirrorfs SPEC MOUNTPOINT -o OPTS`; fuse3's
+    // `mount.fuse3` runs `mirrorfs SPEC MOUNTPOINT -o OPTS`, known by the
+    // `|` of the spec where a subcommand would be.
+    let helper_form = args.get(1).is_some_and(|a| a.contains('|'));
+    let args = if prog.starts_with("mount.") || helper_form {
         cli::from_mount_helper(&args)
     } else {
         args

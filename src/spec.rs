@@ -8,6 +8,7 @@
 
 use std::fmt;
 use std::fs;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 use std::str::FromStr;
@@ -193,6 +194,41 @@ impl Options {
         }
         Ok(())
     }
+}
+
+/// The program of `hook=PROGRAM`, as an absolute path: a name with a `/` is
+/// taken against `cwd`, a bare name is looked up in `PATH`. A program that
+/// does not exist, is not a regular file or is not executable is refused,
+/// so that a typo is seen at mount rather than at the first failure.
+pub fn resolve_hook(hook: &Path, cwd: &Path) -> Result<PathBuf, String> {
+    let named = |p: &Path| format!("hook={}", p.display());
+    let candidates: Vec<PathBuf> = if hook.as_os_str().as_bytes().contains(&b'/') {
+        vec![absolutize(hook, cwd)]
+    } else {
+        let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+        std::env::split_paths(&path)
+            .map(|d| absolutize(&d.join(hook), cwd))
+            .collect()
+    };
+    let mut found = None;
+    for c in &candidates {
+        match fs::metadata(c) {
+            Ok(md) if md.is_file() => {
+                if nix::unistd::access(c.as_path(), nix::unistd::AccessFlags::X_OK).is_ok() {
+                    return Ok(c.clone());
+                }
+                found.get_or_insert(format!("{}: {} is not executable", named(hook), c.display()));
+            }
+            Ok(_) => {
+                found.get_or_insert(format!("{}: {} is not a regular file", named(hook), c.display()));
+            }
+            Err(_) => {}
+        }
+    }
+    Err(found.unwrap_or_else(|| match candidates.as_slice() {
+        [one] => format!("{}: {} does not exist", named(hook), one.display()),
+        _ => format!("{}: no such program in PATH", named(hook)),
+    }))
 }
 
 /// A validated pair of sides and its mountpoint, all absolute and canonical.
@@ -539,6 +575,32 @@ mod tests {
         assert!(Options::parse(&["side_timeout=abc"]).is_err());
         assert!(Options::parse(&["mirrors=maybe"]).is_err());
         assert!(Options::parse(&["fsname="]).is_err());
+    }
+
+    #[test]
+    fn a_hook_must_be_an_executable_program() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let prog = t.path().join("hook");
+        fs::write(&prog, "#!/bin/sh\n").unwrap();
+        fs::set_permissions(&prog, fs::Permissions::from_mode(0o644)).unwrap();
+        let err = resolve_hook(Path::new("hook"), Path::new("/")).unwrap_err();
+        assert!(err.contains("no such program in PATH"), "{err}");
+        let err = resolve_hook(Path::new("./hook"), t.path()).unwrap_err();
+        assert!(err.contains("not executable"), "{err}");
+        let err = resolve_hook(Path::new("./missing"), t.path()).unwrap_err();
+        assert!(err.contains("does not exist"), "{err}");
+        let err = resolve_hook(t.path(), t.path()).unwrap_err();
+        assert!(err.contains("not a regular file"), "{err}");
+        fs::set_permissions(&prog, fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(resolve_hook(Path::new("./hook"), t.path()).unwrap(), prog);
+        assert_eq!(
+            resolve_hook(Path::new("sh"), Path::new("/"))
+                .unwrap()
+                .file_name()
+                .unwrap(),
+            "sh"
+        );
     }
 
     #[test]

@@ -48,6 +48,30 @@ fn mount_refuses_bad_specs_with_one_line_and_exit_2() {
 }
 
 #[test]
+fn mount_refuses_a_hook_that_is_not_a_program() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = open_tempdir();
+    for d in ["a", "b", "m"] {
+        std::fs::create_dir_all(t.path().join(d)).unwrap();
+    }
+    let plain = t.path().join("plain");
+    std::fs::write(&plain, "#!/bin/sh\n").unwrap();
+    std::fs::set_permissions(&plain, std::fs::Permissions::from_mode(0o644)).unwrap();
+    for (hook, want) in [
+        ("./missing", "does not exist"),
+        ("no-such-hook-program", "no such program in PATH"),
+        ("./plain", "not executable"),
+        ("./a", "not a regular file"),
+    ] {
+        let (code, err) = mount_refusal("a|b", "m", &format!("hook={hook}"), t.path());
+        assert_eq!(code, 2, "hook={hook}: {err}");
+        assert!(err.contains(want), "hook={hook}: expected '{want}' in {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    }
+    assert!(!is_mounted(&t.path().join("m")));
+}
+
+#[test]
 fn help_documents_exit_codes() {
     let out = ok(Command::new(BIN).arg("--help"));
     let text = String::from_utf8_lossy(&out.stdout);
@@ -135,6 +159,51 @@ fn mount_helper_name_takes_fstab_arguments() {
     let live = is_mounted(&mnt);
     unmount_or_detach(&mnt);
     assert!(live);
+}
+
+/// Where only `mirrorfs` is installed, mount(8) falls back to fuse3's
+/// `mount.fuse3`, which runs `mirrorfs SPEC MOUNTPOINT -o OPTS` from PATH.
+#[test]
+fn mount_fuse3_runs_the_spec_mountpoint_form() {
+    if !fuse_available("mount_fuse3_runs_the_spec_mountpoint_form") {
+        return;
+    }
+    let helper = ["/sbin/mount.fuse3", "/usr/sbin/mount.fuse3"]
+        .into_iter()
+        .find(|h| std::path::Path::new(h).exists())
+        .expect("fuse3's mount.fuse3 (apt install fuse3)");
+    let t = open_tempdir();
+    let spec = format!("{}|{}", t.path().join("p").display(), t.path().join("m").display());
+    let mnt = t.path().join("mnt");
+    let bin_dir = std::path::Path::new(BIN).parent().unwrap();
+    let path = format!("{}:/usr/sbin:/usr/bin:/sbin:/bin", bin_dir.display());
+    let mount = |opts: &str| {
+        run(Command::new(helper)
+            .arg(&spec)
+            .arg(&mnt)
+            .args(["-t", "fuse.mirrorfs", "-o", opts])
+            .env("PATH", &path))
+    };
+    let out = mount("create,nofail,side_timeout=5");
+    let live = is_mounted(&mnt);
+    let status = run(Command::new(BIN).arg("status").arg(&mnt));
+    unmount_or_detach(&mnt);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(live, "not mounted after mount.fuse3 returned");
+    assert_eq!(
+        status.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&status.stdout)
+    );
+
+    let out = mount("create,bogus=1");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && !is_mounted(&mnt),
+        "an unknown option was accepted"
+    );
+    assert!(err.contains("unknown mount option 'bogus=1'"), "{err}");
 }
 
 #[test]
