@@ -16,6 +16,14 @@ fi
 mkdir -p /etc/postgresql-common/createcluster.d
 echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.d/50-mirrorfs-ci.conf
 
+# Packages installed here (prometheus, for its promtool) must not start
+# their services on the CI machine.
+if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+    chmod 0755 /usr/sbin/policy-rc.d
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+fi
+
 apt-get update
 apt-get install -y --no-install-recommends \
     ca-certificates \
@@ -27,8 +35,10 @@ apt-get install -y --no-install-recommends \
     attr acl libacl1-dev \
     util-linux mount kmod procps \
     sshfs openssh-server openssh-client \
-    fio mergerfs hyperfine
+    fio mergerfs hyperfine \
+    prometheus
 # libacl1-dev: needed to build pjdfstest (exacl links -lacl).
+# prometheus: its promtool checks the text of `mirrorfs metrics`.
 # util-linux provides zramctl, losetup, mountpoint, setpriv; kmod provides modprobe (zram).
 
 # Let non-root FUSE mounts use -o allow_other (root mounts don't need this).
@@ -51,7 +61,7 @@ id -u tests >/dev/null 2>&1 || useradd --system --gid tests --no-create-home \
 
 # Sanity checks.
 for b in pjdfstest fsx fusermount3 sqlite3 mkfs.xfs mkfs.ext4 mkfs.btrfs getfattr setfattr \
-         zramctl sshfs sshd fio mergerfs hyperfine; do
+         zramctl sshfs sshd fio mergerfs hyperfine promtool; do
     command -v "$b" >/dev/null 2>&1 || { echo "install.sh: $b missing" >&2; exit 1; }
 done
 for b in initdb pg_ctl postgres; do

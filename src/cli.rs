@@ -91,6 +91,15 @@ pub enum Command {
         /// primary or mirror.
         side: Side,
     },
+    /// Print the state of the mounts in the Prometheus text format, for
+    /// node_exporter's textfile collector.
+    Metrics {
+        /// Write to FILE, replacing it atomically, instead of printing.
+        #[arg(long, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// One mount; without it, every mirrorfs mount.
+        mountpoint: Option<PathBuf>,
+    },
     /// Bring a down, stale or off side back now (needs root or the user who mounted).
     Resync {
         /// Compare the whole tree, not only what the journal records.

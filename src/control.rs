@@ -97,6 +97,12 @@ pub struct Status {
     #[serde(default)]
     pub last_resync: Option<ResyncResult>,
     pub last_events: Vec<Event>,
+    /// Bytes copied by every resync since the mount, the running one too.
+    #[serde(default)]
+    pub resync_bytes_copied: u64,
+    /// Seconds since the daemon started serving.
+    #[serde(default)]
+    pub uptime_seconds: f64,
 }
 
 impl Status {
@@ -274,6 +280,8 @@ pub struct Control {
     pub options: String,
     /// The user who mounted; with root, the only one who may change the mount.
     pub owner: u32,
+    /// When the daemon started serving.
+    pub started: std::time::Instant,
 }
 
 impl Control {
@@ -327,6 +335,8 @@ impl Control {
             resync,
             last_resync: self.catchup.as_ref().and_then(|c| c.progress.last()),
             last_events: self.engine.events.recent(),
+            resync_bytes_copied: self.catchup.as_ref().map_or(0, |c| c.progress.bytes_copied()),
+            uptime_seconds: self.started.elapsed().as_secs_f64(),
         }
     }
 
@@ -491,7 +501,7 @@ fn allowed(ctl: &Control, conn: &UnixStream, what: &str) -> io::Result<Result<()
 
 /// The mountpoint as mountinfo spells it, found without touching the mount
 /// itself (a non-owner may not stat it, and a hung daemon would hang us).
-fn mountpoint_of(arg: &Path) -> PathBuf {
+pub(crate) fn mountpoint_of(arg: &Path) -> PathBuf {
     let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
     let abs = crate::spec::absolutize(arg, &cwd);
     match (abs.parent(), abs.file_name()) {
@@ -529,7 +539,7 @@ pub fn query(mountpoint: &Path) -> Result<Status, Failure> {
     query_status(&mountpoint_of(mountpoint))
 }
 
-fn query_status(mnt: &Path) -> Result<Status, Failure> {
+pub(crate) fn query_status(mnt: &Path) -> Result<Status, Failure> {
     let mut r = connect(mnt, &Request::Status, Some(CLIENT_TIMEOUT))?;
     read_one(&mut r, mnt)
 }
@@ -693,6 +703,8 @@ mod tests {
             resync: None,
             last_resync: None,
             last_events: Vec::new(),
+            resync_bytes_copied: 0,
+            uptime_seconds: 0.0,
         }
     }
 

@@ -434,6 +434,7 @@ fn serve(p: Prepared, ready: &mut Option<File>) -> Result<(), Failure> {
         spec: spec.clone(),
         options: describe(&opts),
         owner: nix::unistd::getuid().as_raw(),
+        started: Instant::now(),
     });
     let socket = match control::start(ctl) {
         Ok(p) => Some(p),

@@ -12,6 +12,7 @@ pub mod fs;
 pub mod health;
 pub mod journal;
 pub mod meta;
+pub mod metrics;
 pub mod nodes;
 pub mod recovery;
 pub mod runtime;
@@ -62,6 +63,7 @@ pub fn run(args: Vec<String>) -> ExitCode {
             mountpoint,
         } => control::events(&mountpoint, json, follow),
         cli::Command::Fail { mountpoint, side } => control::fail(&mountpoint, side),
+        cli::Command::Metrics { output, mountpoint } => metrics::run(mountpoint.as_deref(), output.as_deref()),
         cli::Command::Verify { repair, json, target } => recovery::verify::run(&target, json, repair),
         cli::Command::Resync {
             full,

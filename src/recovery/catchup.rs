@@ -20,7 +20,7 @@
 //! everything it lacks. Knows nothing of FUSE beyond the open files.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -84,6 +84,8 @@ struct Running {
 pub struct Progress {
     running: Mutex<Option<Running>>,
     last: Mutex<Option<ResyncResult>>,
+    /// Bytes copied by the resyncs that have ended.
+    copied: AtomicU64,
 }
 
 impl Progress {
@@ -104,6 +106,15 @@ impl Progress {
             rate,
             eta_seconds: (rate > 0).then(|| r.bytes_total.saturating_sub(done) / rate),
         })
+    }
+
+    /// Bytes copied by every resync since the mount, the running one too.
+    pub fn bytes_copied(&self) -> u64 {
+        let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        let now = running
+            .as_ref()
+            .map_or(0, |r| r.stats.bytes_copied.load(Ordering::Relaxed));
+        self.copied.load(Ordering::Relaxed) + now
     }
 
     pub fn last(&self) -> Option<ResyncResult> {
@@ -418,7 +429,14 @@ impl Catchup {
             )));
         let r = self.copy(target, &src, src_journal, &stats, clock);
         let secs = clock.elapsed().as_secs_f64();
-        *self.progress.running.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        {
+            // Under the same lock as the running resync, so the total never dips.
+            let mut running = self.progress.running.lock().unwrap_or_else(|e| e.into_inner());
+            *running = None;
+            self.progress
+                .copied
+                .fetch_add(stats.bytes_copied.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
         let result = ResyncResult {
             side: target,
             finished: utc(SystemTime::now()),

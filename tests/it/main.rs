@@ -9,6 +9,7 @@ mod cli;
 mod crash;
 mod failover;
 mod faults;
+mod metrics;
 mod posix;
 mod resync;
 mod verify;

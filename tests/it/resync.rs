@@ -304,12 +304,11 @@ fn a_stale_mirror_is_caught_up_and_never_a_source() {
     m.assert_identical();
 }
 
-#[test]
-fn split_brain_is_detected_and_resolved_by_resync_from() {
-    let test = "split_brain_is_detected_and_resolved_by_resync_from";
-    let Some(mut m) = Mounted::new(test, "") else {
-        return;
-    };
+/// Makes a split brain on a mounted pair: `x` on both sides, then each
+/// side mounted alone takes changes the other lacks (`p_only` and `x` on
+/// the primary, `m_only` and a longer `x` on the mirror); the pair is then
+/// mounted with `opts`. Returns the mirror's `x`.
+pub(crate) fn split_brain(m: &mut Mounted, opts: &str) -> Vec<u8> {
     write_synced(&m.path("x"), b"x, written with both sides").unwrap();
     m.unmount();
     let away = |p: &Path| p.with_extension("away");
@@ -330,10 +329,19 @@ fn split_brain_is_detected_and_resolved_by_resync_from() {
     write_synced(&m.path("x"), &mirror_x).unwrap();
     m.unmount();
     fs::rename(away(&m.primary), &m.primary).unwrap();
-
-    let before = (snapshot(&m.primary), snapshot(&m.mirror));
-    m.try_remount("")
+    m.try_remount(opts)
         .unwrap_or_else(|e| panic!("both sides after a split: {e}"));
+    mirror_x
+}
+
+#[test]
+fn split_brain_is_detected_and_resolved_by_resync_from() {
+    let test = "split_brain_is_detected_and_resolved_by_resync_from";
+    let Some(mut m) = Mounted::new(test, "") else {
+        return;
+    };
+    let mirror_x = split_brain(&mut m, "");
+    let before = (snapshot(&m.primary), snapshot(&m.mirror));
     let (code, st) = status_json(&m.mnt);
     assert_eq!(
         (code, st["state"].as_str()),
