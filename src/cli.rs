@@ -4,35 +4,21 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::spec::Side;
-
-pub const EXIT_CODES: &str = "\
-Exit codes:
-  0  success
-  1  the command could not be carried out (mount failed, side in use, ...)
-  2  usage error: bad arguments, options or PRIMARY|MIRROR spec
-
-Exit codes of `mirrorfs status` (monitoring-plugin convention):
-  0  HEALTHY
-  1  RESYNCING, or a side OFF (mirrors=off)
-  2  DEGRADED (a side DOWN) or SPLIT
-  3  unknown: not a mirrorfs mount, or no daemon answering";
-
-const MOUNT_OPTIONS: &str = "\
-Options (-o, comma-separated):
-  create             create missing backing directories and the mountpoint
-  ro                 read-only; allowed with one side missing
-  allow_other        let other users (e.g. a database user) use the mount
-  fsname=NAME        the source name shown in the mount table
-  mirror_skip        start even if one side is missing, unusable or stale
-  noswitch           fail-stop: a side failure gives the caller EIO
-  mirrors=off        run on the primary alone
-  side_timeout=S     a side that does not answer within S seconds goes down (30)
-  probe_interval=S   how often a down side is probed (5)
-  hook=PROGRAM       run PROGRAM for each event, the event as JSON on stdin";
+use crate::manual;
 
 #[derive(Debug, Parser)]
-#[command(name = "mirrorfs", version, about = "Mirror every change to a PRIMARY|MIRROR pair of directories", after_help = EXIT_CODES)]
+#[command(
+    name = "mirrorfs",
+    version,
+    about = "Mirror every change to a PRIMARY|MIRROR pair of directories",
+    long_about = "Mirror every change to a PRIMARY|MIRROR pair of directories.\n\n\
+        mirrorfs presents a pair of backing directories as one FUSE mount and applies every \
+        change to both. When one side fails it marks that side DOWN, carries on with the \
+        survivor and reports the event; when the side answers again, only what it missed \
+        is copied back. Each side stays a plain directory tree that a database can be \
+        started on.",
+    after_help = manual::exit_codes_help()
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -41,7 +27,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand, PartialEq, Eq)]
 pub enum Command {
     /// Mount 'PRIMARY|MIRROR' on MOUNTPOINT; returns once the mount is live.
-    #[command(after_help = MOUNT_OPTIONS)]
+    #[command(after_help = manual::help_table("Options (-o, comma-separated)", manual::MOUNT_OPTIONS))]
     Mount {
         /// Stay in the foreground (the form for systemd).
         #[arg(short, long)]
@@ -51,19 +37,25 @@ pub enum Command {
         options: Vec<String>,
         /// The pair, as one argument: 'PRIMARY|MIRROR'.
         spec: String,
+        /// The directory to mount on.
         mountpoint: PathBuf,
     },
     /// Unmount a mirrorfs mount and wait for its daemon to finish.
-    Unmount { mountpoint: PathBuf },
+    Unmount {
+        /// A mirrorfs mountpoint.
+        mountpoint: PathBuf,
+    },
     /// Show the state of a mount's sides, or of every mirrorfs mount.
-    #[command(after_help = EXIT_CODES)]
+    #[command(after_help = manual::exit_codes_help())]
     Status {
         /// One JSON object (an array without MOUNTPOINT).
         #[arg(long)]
         json: bool,
+        /// A mirrorfs mountpoint; without it, every mirrorfs mount.
         mountpoint: Option<PathBuf>,
     },
     /// Print a mount's event log.
+    #[command(after_help = manual::help_table("Events", manual::EVENTS))]
     Events {
         /// One JSON object per line.
         #[arg(long)]
@@ -71,6 +63,7 @@ pub enum Command {
         /// Keep printing new events as they happen.
         #[arg(long)]
         follow: bool,
+        /// A mirrorfs mountpoint.
         mountpoint: PathBuf,
     },
     /// Compare the two sides entry by entry; exit 1 if they differ.
@@ -87,9 +80,10 @@ pub enum Command {
     },
     /// Take a side out of service by hand (needs root or the user who mounted).
     Fail {
+        /// A mirrorfs mountpoint.
         mountpoint: PathBuf,
-        /// primary or mirror.
-        side: Side,
+        /// The side to take out.
+        side: SideArg,
     },
     /// Print the state of the mounts in the Prometheus text format, for
     /// node_exporter's textfile collector.
@@ -110,9 +104,17 @@ pub enum Command {
         wait: bool,
         /// The side that wins a split brain: the other is made equal to it.
         #[arg(long, value_name = "primary|mirror")]
-        from: Option<Side>,
+        from: Option<SideArg>,
+        /// A mirrorfs mountpoint.
         mountpoint: PathBuf,
     },
+}
+
+/// A side, as named on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SideArg {
+    Primary,
+    Mirror,
 }
 
 /// Translates the argument list of a mount helper (`mount.fuse.mirrorfs SPEC
@@ -185,7 +187,7 @@ mod tests {
             c.command,
             Command::Fail {
                 mountpoint: "/mnt".into(),
-                side: Side::Mirror
+                side: SideArg::Mirror
             }
         );
         assert!(Cli::try_parse_from(["mirrorfs", "fail", "/mnt", "both"]).is_err());

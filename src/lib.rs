@@ -11,6 +11,7 @@ pub mod events;
 pub mod fs;
 pub mod health;
 pub mod journal;
+pub mod manual;
 pub mod meta;
 pub mod metrics;
 pub mod nodes;
@@ -22,6 +23,13 @@ pub mod volume;
 use std::process::ExitCode;
 
 use clap::Parser;
+
+fn side_of(arg: cli::SideArg) -> spec::Side {
+    match arg {
+        cli::SideArg::Primary => spec::Side::Primary,
+        cli::SideArg::Mirror => spec::Side::Mirror,
+    }
+}
 
 /// Runs the command line and returns the process exit code.
 pub fn run(args: Vec<String>) -> ExitCode {
@@ -62,7 +70,7 @@ pub fn run(args: Vec<String>) -> ExitCode {
             follow,
             mountpoint,
         } => control::events(&mountpoint, json, follow),
-        cli::Command::Fail { mountpoint, side } => control::fail(&mountpoint, side),
+        cli::Command::Fail { mountpoint, side } => control::fail(&mountpoint, side_of(side)),
         cli::Command::Metrics { output, mountpoint } => metrics::run(mountpoint.as_deref(), output.as_deref()),
         cli::Command::Verify { repair, json, target } => recovery::verify::run(&target, json, repair),
         cli::Command::Resync {
@@ -74,7 +82,7 @@ pub fn run(args: Vec<String>) -> ExitCode {
             &mountpoint,
             recovery::catchup::Manual {
                 full,
-                from,
+                from: from.map(side_of),
                 paths: Vec::new(),
             },
             wait,
