@@ -36,9 +36,12 @@ apt-get install -y --no-install-recommends \
     util-linux mount kmod procps \
     sshfs openssh-server openssh-client \
     fio mergerfs hyperfine \
-    prometheus
+    prometheus \
+    man-db zsh fish systemd
 # libacl1-dev: needed to build pjdfstest (exacl links -lacl).
 # prometheus: its promtool checks the text of `mirrorfs metrics`.
+# man-db, zsh, fish: the package test reads the installed man pages and
+# completes with each shell.
 # util-linux provides zramctl, losetup, mountpoint, setpriv; kmod provides modprobe (zram).
 
 # Let non-root FUSE mounts use -o allow_other (root mounts don't need this).
@@ -46,8 +49,10 @@ if [ -f /etc/fuse.conf ] && ! grep -qE '^[[:space:]]*user_allow_other' /etc/fuse
     echo "user_allow_other" >> /etc/fuse.conf
 fi
 
-# pjdfstest / fsx (Rust, crates.io) only if missing.
+# pjdfstest / fsx (Rust, crates.io) and cargo-deb (the package test) only
+# if missing.
 missing=()
+command -v cargo-deb >/dev/null 2>&1 || missing+=(cargo-deb)
 command -v pjdfstest >/dev/null 2>&1 || missing+=(pjdfstest)
 command -v fsx >/dev/null 2>&1 || missing+=(fsx)
 if [ ${#missing[@]} -gt 0 ]; then
@@ -61,7 +66,7 @@ id -u tests >/dev/null 2>&1 || useradd --system --gid tests --no-create-home \
 
 # Sanity checks.
 for b in pjdfstest fsx fusermount3 sqlite3 mkfs.xfs mkfs.ext4 mkfs.btrfs getfattr setfattr \
-         zramctl sshfs sshd fio mergerfs hyperfine promtool; do
+         zramctl sshfs sshd fio mergerfs hyperfine promtool cargo-deb man zsh fish systemd-analyze; do
     command -v "$b" >/dev/null 2>&1 || { echo "install.sh: $b missing" >&2; exit 1; }
 done
 for b in initdb pg_ctl postgres; do

@@ -220,6 +220,35 @@ pub fn mount(spec: &str, mountpoint: &Path, opts: Options, foreground: bool) -> 
     }
 }
 
+/// Tells systemd (`Type=notify`) that the mount is live, so that units
+/// ordered after this one (a database) start only once it serves. Does
+/// nothing outside systemd.
+fn notify_ready() {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else {
+        return;
+    };
+    let msg = format!("READY=1\nMAINPID={}\n", std::process::id());
+    let bytes = path.as_bytes();
+    let sent = match bytes.strip_prefix(b"@") {
+        // An abstract socket: its name follows a NUL byte.
+        Some(name) => {
+            use std::os::linux::net::SocketAddrExt;
+            std::os::unix::net::SocketAddr::from_abstract_name(name)
+                .and_then(|addr| sock.send_to_addr(msg.as_bytes(), &addr))
+        }
+        None => sock.send_to(msg.as_bytes(), Path::new(&path)),
+    };
+    if let Err(e) = sent {
+        log::warn!(
+            "cannot tell systemd the mount is ready ({}): {e}",
+            path.to_string_lossy()
+        );
+    }
+}
+
 /// Leaves the terminal: new session, stdin from /dev/null, output to the
 /// mount's log file.
 fn detach(mountpoint: &Path) -> Result<(), Failure> {
@@ -477,6 +506,7 @@ fn serve(p: Prepared, ready: &mut Option<File>) -> Result<(), Failure> {
     if let Some(mut pipe) = ready.take() {
         let _ = pipe.write_all(b"ok");
     }
+    notify_ready();
 
     let mnt = spec.mountpoint.clone();
     std::thread::Builder::new()

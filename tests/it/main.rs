@@ -10,6 +10,7 @@ mod crash;
 mod failover;
 mod faults;
 mod metrics;
+mod package;
 mod posix;
 mod resync;
 mod verify;
