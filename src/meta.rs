@@ -296,7 +296,7 @@ pub fn lock_side(side: Side, root: &Path) -> Result<SideLock, String> {
             ));
         }
         let who = match others.as_slice() {
-            [] => "a process that is exiting".to_string(),
+            [] => "a process that is exiting, or one this user cannot see".to_string(),
             pids => format!("pid {}, which is exiting", join(pids)),
         };
         let deadline = *deadline.get_or_insert_with(|| {

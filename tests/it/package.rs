@@ -42,7 +42,11 @@ fn cargo_deb_available() -> bool {
 }
 
 fn must(cmd: &mut Command, what: &str) -> Output {
-    let out = run_within(cmd, LIMIT);
+    must_within(cmd, what, LIMIT)
+}
+
+fn must_within(cmd: &mut Command, what: &str, limit: Duration) -> Output {
+    let out = run_within(cmd, limit);
     assert!(out.status.success(), "{what}: {cmd:?}:\n{}", text(&out));
     out
 }
@@ -83,13 +87,15 @@ impl Drop for Installed {
 /// Builds the package into `dir` and returns its path.
 fn build_deb(dir: &Path) -> PathBuf {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
-    must(
+    // From a clean tree this compiles everything in the deb profile.
+    must_within(
         Command::new(env!("CARGO"))
             .args(["deb", "--quiet", "--manifest-path"])
             .arg(&manifest)
             .arg("--output")
             .arg(dir),
         "cargo deb",
+        Duration::from_secs(1200),
     );
     let debs: Vec<PathBuf> = fs::read_dir(dir)
         .unwrap()
