@@ -123,6 +123,8 @@ pub fn holders_of(path: &Path) -> Vec<i32> {
 pub struct MountEntry {
     pub mountpoint: PathBuf,
     pub source: String,
+    /// The mount's device, `major:minor` (its bdi in /sys/class/bdi).
+    pub dev: String,
 }
 
 fn unescape_mountinfo(s: &str) -> String {
@@ -153,6 +155,7 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
     text.lines()
         .filter_map(|line| {
             let (left, right) = line.split_once(" - ")?;
+            let dev = left.split(' ').nth(2)?;
             let mountpoint = left.split(' ').nth(4)?;
             let mut r = right.split(' ');
             let fstype = r.next()?;
@@ -160,6 +163,7 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
             (fstype == "fuse.mirrorfs").then(|| MountEntry {
                 mountpoint: PathBuf::from(unescape_mountinfo(mountpoint)),
                 source: unescape_mountinfo(source),
+                dev: dev.to_string(),
             })
         })
         .collect()
@@ -206,7 +210,8 @@ mod tests {
             m,
             vec![MountEntry {
                 mountpoint: PathBuf::from("/mnt/a b"),
-                source: "/p|/m".into()
+                source: "/p|/m".into(),
+                dev: "98:0".into()
             }]
         );
     }

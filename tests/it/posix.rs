@@ -458,3 +458,33 @@ fn statfs_reports_the_backing_space() {
     assert!(st.f_blocks > 0 && st.f_bavail > 0 && st.f_bavail <= st.f_blocks);
     m.finish();
 }
+
+/// The mount reads ahead as far as its sides' device does, and at least one
+/// full 1 MiB request: not the 128 KiB the kernel starts a FUSE mount with.
+#[test]
+fn readahead_is_widened_to_the_sides_device() {
+    let Some(m) = Mounted::new("readahead_is_widened_to_the_sides_device", "") else {
+        return;
+    };
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let dev = info
+        .lines()
+        .map(|l| l.split(' ').collect::<Vec<_>>())
+        .find(|f| f.get(4) == Some(&m.mnt.to_str().unwrap()))
+        .map(|f| f[2].to_string())
+        .expect("the mount in mountinfo");
+    let kb = |path: &str| -> Option<u64> { fs::read_to_string(path).ok()?.trim().parse().ok() };
+    let mine = kb(&format!("/sys/class/bdi/{dev}/read_ahead_kb")).expect("the mount's bdi");
+    let side_dev = fs::metadata(&m.primary).unwrap().dev();
+    let (major, minor) = (libc::major(side_dev), libc::minor(side_dev));
+    let side = kb(&format!("/sys/dev/block/{major}:{minor}/queue/read_ahead_kb"))
+        .or_else(|| kb(&format!("/sys/dev/block/{major}:{minor}/../queue/read_ahead_kb")))
+        .or_else(|| kb(&format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb")))
+        .unwrap_or(0);
+    assert_eq!(
+        mine,
+        side.clamp(1024, 16 << 10),
+        "mount {mine} KiB, side's device {side} KiB"
+    );
+    m.finish();
+}
