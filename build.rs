@@ -82,6 +82,16 @@ fn table(roff: &mut Roff, heading: &str, rows: &[manual::Entry]) {
     }
 }
 
+/// The states of a mount and of a side, under `heading`.
+fn states(roff: &mut Roff, heading: &str) {
+    roff.control("SH", [heading]);
+    roff.text([roman("The state of a mount:")]);
+    table(roff, "", manual::MOUNT_STATES);
+    roff.control("PP", []);
+    roff.text([roman("The state of each side:")]);
+    table(roff, "", manual::SIDE_STATES);
+}
+
 fn see_also(roff: &mut Roff, cmd: &clap::Command, me: &str) {
     roff.control("SH", ["SEE ALSO"]);
     let mut refs: Vec<String> = std::iter::once("mirrorfs".to_string())
@@ -104,12 +114,7 @@ fn main_page(cmd: &clap::Command) -> io::Result<Vec<u8>> {
     roff.text([roman(
         "Options mount(8) passes along (rw, defaults, nofail, _netdev, ...) are accepted and change nothing.",
     )]);
-    roff.control("SH", ["STATUS"]);
-    roff.text([roman("The state of a mount:")]);
-    table(&mut roff, "", manual::MOUNT_STATES);
-    roff.control("PP", []);
-    roff.text([roman("The state of each side:")]);
-    table(&mut roff, "", manual::SIDE_STATES);
+    states(&mut roff, "STATUS");
     roff.control("SH", ["EXIT STATUS"]);
     table(&mut roff, "", manual::EXIT_CODES);
     roff.control("PP", []);
@@ -159,12 +164,7 @@ fn sub_page(sub: &clap::Command) -> io::Result<Vec<u8>> {
     match sub.get_name() {
         "mount" => table(&mut roff, "MOUNT OPTIONS", manual::MOUNT_OPTIONS),
         "status" => {
-            roff.control("SH", ["STATES"]);
-            roff.text([roman("The state of a mount:")]);
-            table(&mut roff, "", manual::MOUNT_STATES);
-            roff.control("PP", []);
-            roff.text([roman("The state of each side:")]);
-            table(&mut roff, "", manual::SIDE_STATES);
+            states(&mut roff, "STATES");
             table(&mut roff, "EXIT STATUS", manual::STATUS_EXIT_CODES);
         }
         "events" => table(&mut roff, "EVENTS", manual::EVENTS),

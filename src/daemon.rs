@@ -78,7 +78,7 @@ fn prepare(spec: &str, mountpoint: &Path, mut opts: Options) -> Result<Prepared,
     if let Some(hook) = &opts.hook {
         opts.hook = Some(crate::spec::resolve_hook(hook, &cwd).map_err(Failure::Usage)?);
     }
-    clear_dead_mount(&crate::spec::absolutize(mountpoint, &cwd))?;
+    clear_dead_mount(mountpoint)?;
     let spec = crate::spec::validate(spec, mountpoint, &opts, &cwd).map_err(Failure::Usage)?;
     if mirrorfs_mounts().iter().any(|m| m.mountpoint == spec.mountpoint) {
         return Err(Failure::Runtime(format!(
@@ -925,19 +925,14 @@ fn unmount_now(mnt: &Path) -> io::Result<()> {
 /// left by a daemon that was killed is detached, once that daemon has
 /// finished exiting (waiting up to `EXIT_WAIT`), so that a restart right
 /// after a crash (systemd's `Restart=on-failure`) finds the mountpoint free.
-fn clear_dead_mount(mnt: &Path) -> Result<(), Failure> {
-    // The mount table holds canonical paths; a dead mount's own path cannot
-    // be resolved (ENOTCONN), its parent can.
-    let mnt = match (mnt.parent().map(fs::canonicalize), mnt.file_name()) {
-        (Some(Ok(parent)), Some(name)) => parent.join(name),
-        _ => mnt.to_path_buf(),
-    };
+fn clear_dead_mount(mountpoint: &Path) -> Result<(), Failure> {
+    // As the mount table spells it, without touching the mount itself (a
+    // dead mount's own path cannot be resolved: ENOTCONN).
+    let mnt = control::mountpoint_of(mountpoint);
     if !mirrorfs_mounts().iter().any(|m| m.mountpoint == mnt) {
         return Ok(());
     }
-    let pid: Option<i32> = fs::read_to_string(runtime_file(&mnt, "pid"))
-        .ok()
-        .and_then(|s| s.trim().parse().ok());
+    let pid = daemon_pid(&mnt);
     let answering = || std::os::unix::net::UnixStream::connect(control::socket_path(&mnt)).is_ok();
     let busy = Failure::Runtime(format!("{} is already a mirrorfs mount", mnt.display()));
     match pid.map(liveness) {
@@ -975,6 +970,13 @@ fn clear_dead_mount(mnt: &Path) -> Result<(), Failure> {
     Ok(())
 }
 
+/// The pid the daemon of the mount at `mnt` wrote, if any.
+fn daemon_pid(mnt: &Path) -> Option<i32> {
+    fs::read_to_string(runtime_file(mnt, "pid"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+}
+
 /// `mirrorfs unmount`: unmounts and waits for the daemon to finish.
 pub fn unmount(mountpoint: &Path) -> Result<(), Failure> {
     let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
@@ -983,9 +985,7 @@ pub fn unmount(mountpoint: &Path) -> Result<(), Failure> {
     if !mirrorfs_mounts().iter().any(|m| m.mountpoint == mnt) {
         return Err(Failure::Usage(format!("{} is not a mirrorfs mount", mnt.display())));
     }
-    let pid: Option<i32> = fs::read_to_string(runtime_file(&mnt, "pid"))
-        .ok()
-        .and_then(|s| s.trim().parse().ok());
+    let pid = daemon_pid(&mnt);
     let c = CString::new(mnt.as_os_str().as_bytes()).map_err(|_| Failure::Usage("bad path".into()))?;
     // SAFETY: valid C string.
     if unsafe { libc::umount2(c.as_ptr(), 0) } != 0 {

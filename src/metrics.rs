@@ -14,7 +14,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::{Registry, Unit};
+use prometheus_client::registry::{Metric, Registry, Unit};
 
 use crate::control::{self, EXIT_UNKNOWN, Status};
 use crate::runtime::{Failure, mirrorfs_mounts};
@@ -67,89 +67,84 @@ struct Metrics {
 
 impl Metrics {
     fn new() -> Metrics {
-        let mut m = Metrics {
-            registry: Registry::with_prefix("mirrorfs"),
-            up: Family::default(),
-            status_code: Family::default(),
-            state: Family::default(),
-            side_state: Family::default(),
-            side_errors: Family::default(),
-            pending_paths: Family::default(),
-            events_dropped: Family::default(),
-            resync_files_done: Family::default(),
-            resync_files_planned: Family::default(),
-            resync_done_bytes: Family::default(),
-            resync_planned_bytes: Family::default(),
-            resync_copied_bytes: Family::default(),
-            uptime: Family::default(),
-        };
-        let r = &mut m.registry;
-        r.register("up", "1 if the mount's daemon answered, 0 if not", m.up.clone());
-        r.register(
-            "status_code",
-            "The exit code of `mirrorfs status`: 0 healthy, 1 resyncing or mirrors=off, 2 degraded or split, 3 unknown",
-            m.status_code.clone(),
-        );
-        r.register(
-            "state",
-            "1 for the mount's state (HEALTHY, RESYNCING, DEGRADED, SPLIT), 0 for the others",
-            m.state.clone(),
-        );
-        r.register(
-            "side_state",
-            "1 for each side's state (UP, DOWN, RESYNCING, OFF), 0 for the others",
-            m.side_state.clone(),
-        );
-        r.register(
-            "side_errors",
-            "Side failures counted since the mount, by class of operation (read, write, other)",
-            m.side_errors.clone(),
-        );
-        r.register(
-            "pending_paths",
-            "Paths recorded as out of sync, waiting for a resync",
-            m.pending_paths.clone(),
-        );
-        r.register(
-            "events_dropped",
-            "Events dropped because a log, hook or follower queue was full",
-            m.events_dropped.clone(),
-        );
-        r.register(
-            "resync_files_done",
-            "Files examined by the running resync (0 when none runs)",
-            m.resync_files_done.clone(),
-        );
-        r.register(
-            "resync_files_planned",
-            "Files the running resync will examine (0 when none runs)",
-            m.resync_files_planned.clone(),
-        );
-        r.register_with_unit(
-            "resync_done",
-            "Bytes compared by the running resync (0 when none runs)",
-            Unit::Bytes,
-            m.resync_done_bytes.clone(),
-        );
-        r.register_with_unit(
-            "resync_planned",
-            "Bytes the running resync will compare (0 when none runs)",
-            Unit::Bytes,
-            m.resync_planned_bytes.clone(),
-        );
-        r.register_with_unit(
-            "resync_copied",
-            "Bytes copied by resyncs since the mount",
-            Unit::Bytes,
-            m.resync_copied_bytes.clone(),
-        );
-        r.register_with_unit(
-            "uptime",
-            "Seconds since the daemon started serving",
-            Unit::Seconds,
-            m.uptime.clone(),
-        );
-        m
+        let mut registry = Registry::with_prefix("mirrorfs");
+        let r = &mut registry;
+        Metrics {
+            up: metric(r, "up", "1 if the mount's daemon answered, 0 if not", None),
+            status_code: metric(
+                r,
+                "status_code",
+                "The exit code of `mirrorfs status`: 0 healthy, 1 resyncing or mirrors=off, 2 degraded or split, 3 unknown",
+                None,
+            ),
+            state: metric(
+                r,
+                "state",
+                "1 for the mount's state (HEALTHY, RESYNCING, DEGRADED, SPLIT), 0 for the others",
+                None,
+            ),
+            side_state: metric(
+                r,
+                "side_state",
+                "1 for each side's state (UP, DOWN, RESYNCING, OFF), 0 for the others",
+                None,
+            ),
+            side_errors: metric(
+                r,
+                "side_errors",
+                "Side failures counted since the mount, by class of operation (read, write, other)",
+                None,
+            ),
+            pending_paths: metric(
+                r,
+                "pending_paths",
+                "Paths recorded as out of sync, waiting for a resync",
+                None,
+            ),
+            events_dropped: metric(
+                r,
+                "events_dropped",
+                "Events dropped because a log, hook or follower queue was full",
+                None,
+            ),
+            resync_files_done: metric(
+                r,
+                "resync_files_done",
+                "Files examined by the running resync (0 when none runs)",
+                None,
+            ),
+            resync_files_planned: metric(
+                r,
+                "resync_files_planned",
+                "Files the running resync will examine (0 when none runs)",
+                None,
+            ),
+            resync_done_bytes: metric(
+                r,
+                "resync_done",
+                "Bytes compared by the running resync (0 when none runs)",
+                Some(Unit::Bytes),
+            ),
+            resync_planned_bytes: metric(
+                r,
+                "resync_planned",
+                "Bytes the running resync will compare (0 when none runs)",
+                Some(Unit::Bytes),
+            ),
+            resync_copied_bytes: metric(
+                r,
+                "resync_copied",
+                "Bytes copied by resyncs since the mount",
+                Some(Unit::Bytes),
+            ),
+            uptime: metric(
+                r,
+                "uptime",
+                "Seconds since the daemon started serving",
+                Some(Unit::Seconds),
+            ),
+            registry,
+        }
     }
 
     /// A mount whose daemon answered.
@@ -228,6 +223,17 @@ impl Metrics {
             .expect("formatting into a String cannot fail");
         text
     }
+}
+
+/// A new metric, registered under `name` (and `unit`, which the encoder
+/// appends to the name).
+fn metric<M: Metric + Clone + Default>(r: &mut Registry, name: &str, help: &str, unit: Option<Unit>) -> M {
+    let m = M::default();
+    match unit {
+        Some(unit) => r.register_with_unit(name, help, unit, m.clone()),
+        None => r.register(name, help, m.clone()),
+    }
+    m
 }
 
 fn gauge(n: u64) -> i64 {

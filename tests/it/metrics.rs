@@ -33,7 +33,7 @@ fn parse(metrics: &str) -> HashMap<String, f64> {
 }
 
 /// Checks the text with promtool, which must be there under CI=true.
-fn promtool_check(metrics: &str) {
+pub(crate) fn promtool_check(metrics: &str) {
     use std::io::Write;
     let child = Command::new("promtool")
         .args(["check", "metrics"])

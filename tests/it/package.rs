@@ -16,6 +16,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::common::{fuse_available, is_mounted, open_tempdir, run, run_within};
+use crate::metrics::promtool_check;
 use crate::workloads::text;
 
 const INSTALLED: &str = "/usr/bin/mirrorfs";
@@ -409,16 +410,7 @@ fn check_metrics_service(mnt: &Path) {
     let written = written.expect("the metrics file");
     let up = format!("mirrorfs_up{{mountpoint=\"{}\"}} 1\n", mnt.display());
     assert!(written.contains(&up), "no {up} in:\n{written}");
-    let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (apt install prometheus)");
-    std::io::Write::write_all(&mut promtool.stdin.take().unwrap(), written.as_bytes()).unwrap();
-    let out = promtool.wait_with_output().unwrap();
-    assert!(out.status.success(), "promtool:\n{}\n{written}", text(&out));
+    promtool_check(&written);
 }
 
 #[test]
