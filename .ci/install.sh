@@ -91,4 +91,11 @@ for b in sshd ssh-keygen sshfs xfs_io losetup mkfs.ext4 mkfs.xfs mount umount se
     command -v "$b" >/dev/null 2>&1 || { echo "install.sh: $b missing" >&2; exit 1; }
 done
 
+# FUSE over io_uring: the kernel offers it to servers only with this
+# switch on; mirrorfs then serves through it (tests/it/transport.rs checks
+# both transports).
+U=/sys/module/fuse/parameters/enable_uring
+[ -w "$U" ] || { echo "install.sh: this kernel has no FUSE over io_uring ($U)" >&2; exit 1; }
+echo Y > "$U"
+
 echo "install.sh: done"

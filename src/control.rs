@@ -103,6 +103,10 @@ pub struct Status {
     /// Seconds since the daemon started serving.
     #[serde(default)]
     pub uptime_seconds: f64,
+    /// How the kernel's requests reach the daemon: "io_uring" or
+    /// "/dev/fuse".
+    #[serde(default)]
+    pub transport: String,
 }
 
 impl Status {
@@ -175,6 +179,9 @@ impl Status {
             line(w, "action", &a);
         }
         line(w, "pid", &self.pid.to_string());
+        if !self.transport.is_empty() {
+            line(w, "requests", &format!("through {}", self.transport));
+        }
         if !self.options.is_empty() {
             line(w, "options", &self.options);
         }
@@ -282,6 +289,8 @@ pub struct Control {
     pub owner: u32,
     /// When the daemon started serving.
     pub started: std::time::Instant,
+    /// "io_uring" or "/dev/fuse".
+    pub transport: &'static str,
 }
 
 impl Control {
@@ -337,6 +346,7 @@ impl Control {
             last_events: self.engine.events.recent(),
             resync_bytes_copied: self.catchup.as_ref().map_or(0, |c| c.progress.bytes_copied()),
             uptime_seconds: self.started.elapsed().as_secs_f64(),
+            transport: self.transport.to_string(),
         }
     }
 
@@ -705,6 +715,7 @@ mod tests {
             last_events: Vec::new(),
             resync_bytes_copied: 0,
             uptime_seconds: 0.0,
+            transport: String::new(),
         }
     }
 

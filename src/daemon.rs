@@ -28,6 +28,7 @@ use crate::health::{Health, Probe, SideState, errno_label, errno_name};
 use crate::journal::{Intent, SYNC_BY_NAME};
 use crate::meta;
 use crate::recovery::catchup::Catchup;
+use crate::ring;
 use crate::runtime::{EXIT_WAIT, Failure, Liveness, RUN_DIR, liveness, mirrorfs_mounts, runtime_file};
 use crate::spec::{MountSpec, Options, Side};
 use crate::volume::Volume;
@@ -38,6 +39,7 @@ pub const FUSE_THREADS: usize = 8;
 /// others go on serving (through the lanes) while these are stuck in a
 /// hung primary, until the watchdog takes it down.
 pub const INLINE_BUDGET: usize = FUSE_THREADS - 2;
+
 /// Worker threads of each side's lane.
 pub const SIDE_THREADS: usize = 8;
 
@@ -318,6 +320,27 @@ fn detach(mountpoint: &Path) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Starts FUSE over io_uring if INIT agreed on it (the kernel holds every
+/// request until the ring is up). If the ring cannot be set up, the
+/// kernel falls back to `/dev/fuse`, which fuser's threads serve.
+fn start_ring(fs: MirrorFs, dev: OwnedFd) -> &'static str {
+    const DEV: &str = "/dev/fuse";
+    if !fs.uring_negotiated() {
+        log::info!("transport={DEV}");
+        return DEV;
+    }
+    match ring::start(fs, dev, FUSE_THREADS, crate::fs::MAX_WRITE as usize) {
+        Ok(n) => {
+            log::info!("transport=io_uring entries={n}");
+            "io_uring"
+        }
+        Err(e) => {
+            log::warn!("transport={DEV}: FUSE over io_uring could not start: {e}");
+            DEV
+        }
+    }
+}
+
 fn fuser_config() -> fuser::Config {
     let mut cfg = fuser::Config::default();
     cfg.n_threads = Some(FUSE_THREADS);
@@ -447,7 +470,9 @@ fn serve(p: Prepared, ready: &mut Option<File>) -> Result<(), Failure> {
             Policy::Switch
         },
         threads: SIDE_THREADS,
-        inline_threads: FUSE_THREADS,
+        // fuser's threads, the ring's, and the ring threads that take an
+        // entry over from one stuck in a hung side.
+        inline_threads: FUSE_THREADS * 3,
         inline_budget: INLINE_BUDGET,
     };
     let mut engine = Engine::new(pv, mv, health, events.clone(), config).map_err(|e| rt("starting workers", &e))?;
@@ -476,9 +501,11 @@ fn serve(p: Prepared, ready: &mut Option<File>) -> Result<(), Failure> {
         engine.clone(),
         FsConfig {
             read_only: opts.read_only,
+            uring: ring::wanted(),
         },
     )
     .map_err(|e| rt("reading the root", &e))?;
+    let ring_fs = fs.clone();
     let open_files = fs.open_files();
     let fuse_fd = kernel_mount(&spec, &opts).map_err(|e| rt(&format!("mounting {}", spec.mountpoint.display()), &e))?;
     let acl = if opts.allow_other {
@@ -486,6 +513,7 @@ fn serve(p: Prepared, ready: &mut Option<File>) -> Result<(), Failure> {
     } else {
         fuser::SessionACL::Owner
     };
+    let ring_fd = fuse_fd.try_clone().map_err(|e| rt("/dev/fuse", &e))?;
     let session = match fuser::Session::from_fd(fs, fuse_fd, acl, fuser_config()) {
         Ok(s) => s,
         Err(e) => {
@@ -493,6 +521,7 @@ fn serve(p: Prepared, ready: &mut Option<File>) -> Result<(), Failure> {
             return Err(rt("FUSE handshake", &e));
         }
     };
+    let transport = start_ring(ring_fs, ring_fd);
 
     let in_service: Vec<&Path> = Side::BOTH
         .iter()
@@ -517,6 +546,7 @@ fn serve(p: Prepared, ready: &mut Option<File>) -> Result<(), Failure> {
         options: describe(&opts),
         owner: nix::unistd::getuid().as_raw(),
         started: Instant::now(),
+        transport,
     });
     let socket = match control::start(ctl) {
         Ok(p) => Some(p),

@@ -6,19 +6,20 @@
 //! `Reply*`. Which side answers and what a side failure does are the
 //! engine's business (`mirror::resolve`).
 
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::io;
 use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    AccessFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite,
-    ReplyXattr, Request, TimeOrNow, WriteFlags,
+    AccessFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
+    TimeOrNow, WriteFlags,
 };
 
 use crate::engine::bufpool::PooledBuf;
@@ -26,14 +27,9 @@ use crate::engine::gate::Pass;
 use crate::engine::inline::{Flight, Rescue};
 use crate::engine::{Effect, Engine, Pace, Subject};
 use crate::nodes::{Handles, Key, Nodes, OpenDir, OpenFile, OpenFiles, ROOT};
+use crate::reply;
 use crate::spec::Side;
 use crate::volume::{self, META_DIR, Owner, SetTime, Stat, Volume};
-
-/// How long the kernel may cache entries and attributes. mirrorfs is the
-/// only writer of its backing trees and every change passes through it, so
-/// the kernel's cache never goes stale behind its back; a long timeout
-/// saves a round trip per stat.
-const TTL: Duration = Duration::from_secs(60);
 
 /// How long statfs waits for the side that does not answer it.
 const STATFS_PEEK: Duration = Duration::from_secs(1);
@@ -182,10 +178,10 @@ struct Caller {
 }
 
 impl Caller {
-    fn of(req: &Request) -> Caller {
+    fn of(who: Who) -> Caller {
         Caller {
-            pid: req.pid(),
-            uid: req.uid(),
+            pid: who.pid,
+            uid: who.uid,
             lacks: OnceLock::new(),
         }
     }
@@ -220,7 +216,7 @@ struct Plus {
 }
 
 /// Sends a directory listing from `offset` on ("." and ".." first).
-fn fill_readdir(reply: &mut ReplyDirectory, dir: u64, entries: &[volume::DirEntry], offset: u64) {
+fn fill_readdir(reply: &mut impl reply::Dir, dir: u64, entries: &[volume::DirEntry], offset: u64) {
     let dots = [
         (OsStr::new("."), FileType::Directory),
         (OsStr::new(".."), FileType::Directory),
@@ -230,7 +226,7 @@ fn fill_readdir(reply: &mut ReplyDirectory, dir: u64, entries: &[volume::DirEntr
         .map(|(n, k)| (dir, *k, *n))
         .chain(entries.iter().map(|e| (e.ino, dtype_kind(e.dtype), e.name.as_os_str())));
     for (i, (ino, k, name)) in all.enumerate().skip(offset as usize) {
-        if reply.add(INodeNo(ino), i as u64 + 1, k, name) {
+        if reply.add(ino, i as u64 + 1, k, name) {
             break;
         }
     }
@@ -240,8 +236,11 @@ fn fill_readdir(reply: &mut ReplyDirectory, dir: u64, entries: &[volume::DirEntr
 #[derive(Clone, Copy, Debug)]
 pub struct FsConfig {
     pub read_only: bool,
+    /// Ask the kernel for FUSE over io_uring (`ring`).
+    pub uring: bool,
 }
 
+#[derive(Clone)]
 pub struct MirrorFs {
     core: Arc<Core>,
 }
@@ -254,6 +253,8 @@ struct Core {
     files: Arc<Handles<OpenFile>>,
     dirs: Handles<OpenDir>,
     config: FsConfig,
+    /// The kernel took FUSE_OVER_IO_URING at INIT.
+    uring: AtomicBool,
 }
 
 impl MirrorFs {
@@ -270,8 +271,15 @@ impl MirrorFs {
                 files: Arc::new(Handles::default()),
                 dirs: Handles::default(),
                 config,
+                uring: AtomicBool::new(false),
             }),
         })
+    }
+
+    /// True once INIT agreed on FUSE over io_uring: the ring must then be
+    /// started, or the kernel holds every request.
+    pub fn uring_negotiated(&self) -> bool {
+        self.core.uring.load(Ordering::Acquire)
     }
 
     /// The open files, for the resyncer.
@@ -289,7 +297,7 @@ impl MirrorFs {
         reply: R,
         handler: impl Fn(&Core) -> io::Result<T> + Send + Sync + 'static,
         finish: impl FnOnce(R, io::Result<T>) + Send + 'static,
-    ) {
+    ) -> bool {
         let handler = Arc::new(handler);
         let answer = Arc::new(Mutex::new(Some((reply, finish))));
         let (core, h, a) = (self.core.clone(), handler.clone(), answer.clone());
@@ -305,8 +313,12 @@ impl MirrorFs {
         }));
         let r = self.core.engine.serve(flight, || handler(&self.core));
         let taken = answer.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some((reply, finish)) = taken {
-            finish(reply, r);
+        match taken {
+            Some((reply, finish)) => {
+                finish(reply, r);
+                true
+            }
+            None => false,
         }
     }
 }
@@ -386,22 +398,18 @@ impl Core {
         Ok(attr(ino, &st))
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn do_setattr(
-        &self,
-        caller: &Arc<Caller>,
-        ino: u64,
-        mode: Option<u32>,
-        uid: Option<u32>,
-        gid: Option<u32>,
-        size: Option<u64>,
-        atime: Option<TimeOrNow>,
-        mtime: Option<TimeOrNow>,
-        fh: Option<FileHandle>,
-        now: SystemTime,
-    ) -> io::Result<FileAttr> {
+    fn do_setattr(&self, caller: &Arc<Caller>, ino: u64, c: Changes, now: SystemTime) -> io::Result<FileAttr> {
         self.writable()?;
-        let target = Arc::new(self.target(ino, fh)?);
+        let Changes {
+            mode,
+            uid,
+            gid,
+            size,
+            atime,
+            mtime,
+            fh,
+        } = c;
+        let target = Arc::new(self.target(ino, fh.map(FileHandle))?);
         let (at, mt) = (set_time(atime, now), set_time(mtime, now));
         let path = match &*target {
             Target::Path(p) => Some(p.clone()),
@@ -726,17 +734,17 @@ impl Core {
 
     /// Sends what `do_readdirplus` found; each entry sent takes a lookup
     /// reference, as a lookup does.
-    fn fill_plus(&self, reply: &mut ReplyDirectoryPlus, offset: u64, plus: &Plus) {
+    fn fill_plus(&self, reply: &mut impl reply::DirPlus, offset: u64, plus: &Plus) {
         for i in offset..2 {
             // The kernel takes no lookup reference for "." and "..".
             let name = if i == 0 { "." } else { ".." };
-            if reply.add(INodeNo(plus.dir), i + 1, name, &TTL, &plus.dattr, Generation(0)) {
+            if reply.add(i + 1, OsStr::new(name), &plus.dattr) {
                 return;
             }
         }
         for (off, name, side, st) in &plus.items {
             let a = self.entry(plus.dir, name, *side, st);
-            if reply.add(a.ino, *off, name, &TTL, &a, Generation(0)) {
+            if reply.add(*off, name, &a) {
                 // Not sent: give back the lookup reference `entry` took.
                 self.nodes.forget(a.ino.0, 1);
                 return;
@@ -766,52 +774,493 @@ impl Core {
     }
 }
 
-fn reply_xattr(reply: ReplyXattr, size: u32, r: io::Result<(Vec<u8>, usize)>) {
+fn errno_of<R: reply::Fail>(reply: R, e: &io::Error) {
+    reply.error(errno(e))
+}
+
+fn finish_xattr<R: reply::Xattr>(reply: R, size: u32, r: io::Result<(Vec<u8>, usize)>) {
     match r {
         Ok((_, len)) if size == 0 => reply.size(len as u32),
-        Ok((data, _)) => reply.data(&data),
-        Err(e) => reply.error(errno(&e)),
+        Ok((data, _)) => reply.value(&data),
+        Err(e) => errno_of(reply, &e),
     }
 }
 
-fn reply_empty(reply: ReplyEmpty, r: io::Result<()>) {
+fn finish_empty<R: reply::Empty>(reply: R, r: io::Result<()>) {
     match r {
         Ok(()) => reply.ok(),
-        Err(e) => reply.error(errno(&e)),
+        Err(e) => errno_of(reply, &e),
     }
 }
 
-fn reply_attr(reply: ReplyAttr, r: io::Result<FileAttr>) {
+fn finish_attr<R: reply::Attr>(reply: R, r: io::Result<FileAttr>) {
     match r {
-        Ok(a) => reply.attr(&TTL, &a),
-        Err(e) => reply.error(errno(&e)),
+        Ok(a) => reply.attr(&a),
+        Err(e) => errno_of(reply, &e),
     }
 }
 
-fn reply_entry(reply: ReplyEntry, r: io::Result<FileAttr>) {
+fn finish_entry<R: reply::Entry>(reply: R, r: io::Result<FileAttr>) {
     match r {
-        Ok(a) => reply.entry(&TTL, &a, Generation(0)),
-        Err(e) => reply.error(errno(&e)),
+        Ok(a) => reply.entry(&a),
+        Err(e) => errno_of(reply, &e),
     }
 }
 
+fn finish_data<R: reply::Data, D: AsRef<[u8]>>(reply: R, r: io::Result<D>) {
+    match r {
+        Ok(d) => reply.data(d.as_ref()),
+        Err(e) => errno_of(reply, &e),
+    }
+}
+
+fn finish_written<R: reply::Written>(reply: R, r: io::Result<u32>) {
+    match r {
+        Ok(n) => reply.written(n),
+        Err(e) => errno_of(reply, &e),
+    }
+}
+
+/// Who made a request.
+#[derive(Clone, Copy, Debug)]
+pub struct Who {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: u32,
+}
+
+impl Who {
+    fn of(req: &Request) -> Who {
+        Who {
+            uid: req.uid(),
+            gid: req.gid(),
+            pid: req.pid(),
+        }
+    }
+
+    fn owner(self) -> Owner {
+        Owner {
+            uid: self.uid,
+            gid: self.gid,
+        }
+    }
+}
+
+/// What a SETATTR asks to change.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Changes {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<TimeOrNow>,
+    pub mtime: Option<TimeOrNow>,
+    pub fh: Option<u64>,
+}
+
+/// The FUSE init flags mirrorfs asks for, on either transport.
+pub fn wanted_capabilities() -> InitFlags {
+    // The writeback cache lets small writes collect in the kernel's page
+    // cache and reach us as larger ones; fsync still writes every dirty
+    // page through us and then fsyncs both sides, and the kernel keeps
+    // O_APPEND offsets itself (we are the only writer).
+    InitFlags::FUSE_DO_READDIRPLUS
+        | InitFlags::FUSE_READDIRPLUS_AUTO
+        | InitFlags::FUSE_PARALLEL_DIROPS
+        | InitFlags::FUSE_CACHE_SYMLINKS
+        | InitFlags::FUSE_ASYNC_DIO
+        | InitFlags::FUSE_WRITEBACK_CACHE
+        // We clear set-ID bits ourselves (write, truncate; the backing
+        // chown does it for chown), so the kernel stops asking for
+        // `security.capability` before every write: a GETXATTR round
+        // trip, and a disk lookup per side, per write.
+        | InitFlags::FUSE_HANDLE_KILLPRIV_V2
+}
+
+/// The operations, each written once for either transport: the classic
+/// one (`impl Filesystem` below) and FUSE over io_uring (`ring`). Each
+/// hands `serve` a handler that owns its arguments and a finish that
+/// answers; the result says whether this thread answered (false: a
+/// rescuer has or will).
+impl MirrorFs {
+    pub fn lookup_op(&self, parent: u64, name: OsString, reply: impl reply::Entry) -> bool {
+        self.serve(reply, move |fs| fs.do_lookup(parent, &name), finish_entry)
+    }
+
+    pub fn getattr_op(&self, ino: u64, fh: Option<u64>, reply: impl reply::Attr) -> bool {
+        self.serve(reply, move |fs| fs.do_getattr(ino, fh.map(FileHandle)), finish_attr)
+    }
+
+    pub fn setattr_op(&self, who: Who, ino: u64, c: Changes, reply: impl reply::Attr) -> bool {
+        let caller = Arc::new(Caller::of(who));
+        // "Now" is read once, so that both sides, and a rescuer, set the same time.
+        let now = SystemTime::now();
+        self.serve(reply, move |fs| fs.do_setattr(&caller, ino, c, now), finish_attr)
+    }
+
+    pub fn readlink_op(&self, ino: u64, reply: impl reply::Data) -> bool {
+        self.serve(reply, move |fs| fs.do_readlink(ino), finish_data)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn mknod_op(
+        &self,
+        who: Who,
+        parent: u64,
+        name: OsString,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: impl reply::Entry,
+    ) -> bool {
+        let owner = who.owner();
+        let mode = (mode & libc::S_IFMT) | (mode & !umask & 0o7777);
+        let make = move |fs: &Core| fs.make("mknod", parent, &name, move |v, p| v.mknod(p, mode, rdev as u64, owner));
+        self.serve(reply, make, finish_entry)
+    }
+
+    pub fn mkdir_op(
+        &self,
+        who: Who,
+        parent: u64,
+        name: OsString,
+        mode: u32,
+        umask: u32,
+        reply: impl reply::Entry,
+    ) -> bool {
+        let owner = who.owner();
+        let mode = mode & !umask & 0o7777;
+        let make = move |fs: &Core| fs.make("mkdir", parent, &name, move |v, p| v.mkdir(p, mode, owner));
+        self.serve(reply, make, finish_entry)
+    }
+
+    pub fn unlink_op(&self, parent: u64, name: OsString, dir: bool, reply: impl reply::Empty) -> bool {
+        self.serve(reply, move |fs| fs.do_unlink(parent, &name, dir), finish_empty)
+    }
+
+    pub fn symlink_op(
+        &self,
+        who: Who,
+        parent: u64,
+        name: OsString,
+        target: OsString,
+        reply: impl reply::Entry,
+    ) -> bool {
+        let owner = who.owner();
+        let make = move |fs: &Core| {
+            let target = target.clone();
+            fs.make("symlink", parent, &name, move |v, p| v.symlink(&target, p, owner))
+        };
+        self.serve(reply, make, finish_entry)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn rename_op(
+        &self,
+        parent: u64,
+        name: OsString,
+        newparent: u64,
+        newname: OsString,
+        flags: u32,
+        reply: impl reply::Empty,
+    ) -> bool {
+        let rename = move |fs: &Core| fs.do_rename(parent, &name, newparent, &newname, flags);
+        self.serve(reply, rename, finish_empty)
+    }
+
+    pub fn link_op(&self, ino: u64, newparent: u64, newname: OsString, reply: impl reply::Entry) -> bool {
+        let link = move |fs: &Core| fs.writable().and_then(|_| fs.do_link(ino, newparent, &newname));
+        self.serve(reply, link, finish_entry)
+    }
+
+    pub fn open_op(&self, ino: u64, flags: i32, reply: impl reply::Open) -> bool {
+        self.serve(
+            reply,
+            move |fs| fs.do_open(ino, flags),
+            |reply, r| match r {
+                Ok(fh) => reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE),
+                Err(e) => errno_of(reply, &e),
+            },
+        )
+    }
+
+    pub fn read_op(&self, fh: u64, offset: u64, size: u32, reply: impl reply::Data) -> bool {
+        self.serve(reply, move |fs| fs.do_read(fh, offset, size), finish_data)
+    }
+
+    /// `data` is the request's one copy of the write: the mirror's half may
+    /// outlive the request if the mirror hangs, and a rescuer may need the
+    /// data again.
+    pub fn write_op(
+        &self,
+        fh: u64,
+        offset: u64,
+        data: PooledBuf,
+        kill_setid: bool,
+        reply: impl reply::Written,
+    ) -> bool {
+        let data = Arc::new(data);
+        self.serve(
+            reply,
+            move |fs| fs.do_write(fh, offset, &data, kill_setid),
+            finish_written,
+        )
+    }
+
+    pub fn flush_op(&self, fh: u64, reply: impl reply::Empty) -> bool {
+        let flush = move |fs: &Core| {
+            fs.on_handle("flush", Pace::Sequential, fh, |f, side| {
+                volume::flush(f.fd(side)?.as_fd())
+            })
+        };
+        self.serve(reply, flush, finish_empty)
+    }
+
+    pub fn release_op(&self, fh: u64, reply: impl reply::Empty) -> bool {
+        let core = &self.core;
+        if let Some(f) = core.files.remove(fh) {
+            // Each side's fd is closed on that side's lane: a close on a hung
+            // side blocks, and must not block this thread.
+            match Arc::try_unwrap(f) {
+                Ok(file) => {
+                    for side in Side::BOTH {
+                        if let Some(fd) = file.take_fd(side) {
+                            core.engine.close_on(side, fd);
+                        }
+                    }
+                }
+                Err(shared) => core.engine.retire(shared),
+            }
+        }
+        reply.ok();
+        true
+    }
+
+    pub fn fsync_op(&self, fh: u64, datasync: bool, reply: impl reply::Empty) -> bool {
+        let fsync = move |fs: &Core| {
+            fs.on_handle("fsync", Pace::Concurrent, fh, move |f, side| {
+                volume::fsync(f.fd(side)?.as_fd(), datasync)
+            })
+        };
+        self.serve(reply, fsync, finish_empty)
+    }
+
+    pub fn opendir_op(&self, ino: u64, reply: impl reply::Open) -> bool {
+        match self.core.do_opendir(ino) {
+            Ok(fh) => reply.opened(fh, FopenFlags::empty()),
+            Err(e) => errno_of(reply, &e),
+        }
+        true
+    }
+
+    pub fn readdir_op(&self, fh: u64, offset: u64, reply: impl reply::Dir) -> bool {
+        self.serve(
+            reply,
+            move |fs| fs.do_readdir(fh, offset),
+            move |mut reply, r| match r {
+                Ok((dir, entries)) => {
+                    fill_readdir(&mut reply, dir, &entries, offset);
+                    reply.done()
+                }
+                Err(e) => errno_of(reply, &e),
+            },
+        )
+    }
+
+    pub fn readdirplus_op(&self, fh: u64, offset: u64, reply: impl reply::DirPlus) -> bool {
+        let core = self.core.clone();
+        self.serve(
+            reply,
+            move |fs| fs.do_readdirplus(fh, offset),
+            move |mut reply, r| match r {
+                Ok(plus) => {
+                    core.fill_plus(&mut reply, offset, &plus);
+                    reply.done()
+                }
+                Err(e) => errno_of(reply, &e),
+            },
+        )
+    }
+
+    pub fn releasedir_op(&self, fh: u64, reply: impl reply::Empty) -> bool {
+        self.core.dirs.remove(fh);
+        reply.ok();
+        true
+    }
+
+    pub fn fsyncdir_op(&self, ino: u64, datasync: bool, reply: impl reply::Empty) -> bool {
+        let fsyncdir = move |fs: &Core| {
+            let p = fs.nodes.path(ino)?;
+            let q = p.clone();
+            fs.engine
+                .apply("fsyncdir", Pace::Concurrent, Subject::Path(&p), move |_, v| {
+                    v.fsync_path(&q, datasync)
+                })
+        };
+        self.serve(reply, fsyncdir, finish_empty)
+    }
+
+    pub fn statfs_op(&self, reply: impl reply::StatfsReply) -> bool {
+        self.serve(
+            reply,
+            |fs| fs.do_statfs(),
+            |reply, r| match r {
+                Ok((st, bfree, bavail, ffree)) => reply.statfs(&reply::Statfs {
+                    blocks: st.f_blocks,
+                    bfree,
+                    bavail,
+                    files: st.f_files,
+                    ffree,
+                    bsize: st.f_bsize as u32,
+                    namelen: st.f_namemax as u32,
+                    frsize: st.f_frsize as u32,
+                }),
+                Err(e) => errno_of(reply, &e),
+            },
+        )
+    }
+
+    pub fn setxattr_op(&self, ino: u64, name: OsString, value: Vec<u8>, flags: i32, reply: impl reply::Empty) -> bool {
+        let (name, value) = (Arc::new(name), Arc::new(value));
+        let set = move |fs: &Core| {
+            fs.writable()?;
+            let p = fs.xattr_target(ino)?;
+            let (q, name, value) = (p.clone(), name.clone(), value.clone());
+            fs.engine
+                .apply("setxattr", Pace::Sequential, Subject::Path(&p), move |_, v| {
+                    v.setxattr(&q, &name, &value, flags)
+                })
+        };
+        self.serve(reply, set, finish_empty)
+    }
+
+    pub fn getxattr_op(&self, ino: u64, name: OsString, size: u32, reply: impl reply::Xattr) -> bool {
+        let name = Arc::new(name);
+        let get = move |fs: &Core| {
+            let p = fs.xattr_target(ino)?;
+            let (q, name) = (p.clone(), name.clone());
+            fs.engine.read("getxattr", Subject::Path(&p), move |_, v| {
+                v.getxattr(&q, &name, size as usize)
+            })
+        };
+        self.serve(reply, get, move |reply, r| finish_xattr(reply, size, r))
+    }
+
+    pub fn listxattr_op(&self, ino: u64, size: u32, reply: impl reply::Xattr) -> bool {
+        let list = move |fs: &Core| {
+            let p = fs.xattr_target(ino)?;
+            let q = p.clone();
+            fs.engine.read("listxattr", Subject::Path(&p), move |_, v| {
+                v.listxattr(&q, size as usize)
+            })
+        };
+        self.serve(reply, list, move |reply, r| finish_xattr(reply, size, r))
+    }
+
+    pub fn removexattr_op(&self, ino: u64, name: OsString, reply: impl reply::Empty) -> bool {
+        let name = Arc::new(name);
+        let remove = move |fs: &Core| {
+            fs.writable()?;
+            let p = fs.xattr_target(ino)?;
+            let (q, name) = (p.clone(), name.clone());
+            fs.engine
+                .apply("removexattr", Pace::Sequential, Subject::Path(&p), move |_, v| {
+                    v.removexattr(&q, &name)
+                })
+        };
+        self.serve(reply, remove, finish_empty)
+    }
+
+    pub fn access_op(&self, ino: u64, reply: impl reply::Empty) -> bool {
+        // The mount always uses default_permissions, so the kernel checks
+        // permissions; this only confirms the entry still exists.
+        self.serve(reply, move |fs| fs.do_getattr(ino, None).map(drop), finish_empty)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn create_op(
+        &self,
+        who: Who,
+        parent: u64,
+        name: OsString,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: impl reply::Create,
+    ) -> bool {
+        let owner = who.owner();
+        let create = move |fs: &Core| fs.do_create(owner, parent, &name, mode, umask, flags);
+        self.serve(reply, create, |reply, r| match r {
+            Ok((a, fh)) => reply.created(&a, fh, FopenFlags::FOPEN_KEEP_CACHE),
+            Err(e) => errno_of(reply, &e),
+        })
+    }
+
+    pub fn fallocate_op(&self, fh: u64, offset: u64, length: u64, mode: i32, reply: impl reply::Empty) -> bool {
+        let fallocate = move |fs: &Core| {
+            fs.writable()?;
+            fs.on_handle("fallocate", Pace::Concurrent, fh, move |f, side| {
+                volume::fallocate(f.fd(side)?.as_fd(), mode, offset, length)
+            })
+        };
+        self.serve(reply, fallocate, finish_empty)
+    }
+
+    pub fn lseek_op(&self, fh: u64, offset: i64, whence: i32, reply: impl reply::Lseek) -> bool {
+        let seek = move |fs: &Core| {
+            let f = fs.files.get(fh)?;
+            let ino = f.ino;
+            fs.engine.read("lseek", Subject::Inode(ino), move |side, _| {
+                volume::lseek(f.fd(side)?.as_fd(), offset, whence)
+            })
+        };
+        self.serve(reply, seek, |reply, r| match r {
+            Ok(o) => reply.offset(o),
+            Err(e) => errno_of(reply, &e),
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn copy_file_range_op(
+        &self,
+        fh_in: u64,
+        offset_in: u64,
+        fh_out: u64,
+        offset_out: u64,
+        len: u64,
+        flags: u32,
+        reply: impl reply::Written,
+    ) -> bool {
+        let copy = move |fs: &Core| {
+            fs.writable()?;
+            let fin = fs.files.get(fh_in)?;
+            fs.on_handle("copy_file_range", Pace::Concurrent, fh_out, move |fout, side| {
+                volume::copy_file_range(
+                    fin.fd(side)?.as_fd(),
+                    offset_in,
+                    fout.fd(side)?.as_fd(),
+                    offset_out,
+                    len,
+                    flags,
+                )
+                .map(|n| n as u32)
+            })
+        };
+        self.serve(reply, copy, finish_written)
+    }
+
+    pub fn forget_op(&self, ino: u64, nlookup: u64) {
+        self.core.nodes.forget(ino, nlookup);
+    }
+}
+
+/// The classic transport: fuser reads `/dev/fuse` and calls these.
 impl Filesystem for MirrorFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
-        // The writeback cache lets small writes collect in the kernel's page
-        // cache and reach us as larger ones; fsync still writes every dirty
-        // page through us and then fsyncs both sides, and the kernel keeps
-        // O_APPEND offsets itself (we are the only writer).
-        let wanted = InitFlags::FUSE_DO_READDIRPLUS
-            | InitFlags::FUSE_READDIRPLUS_AUTO
-            | InitFlags::FUSE_PARALLEL_DIROPS
-            | InitFlags::FUSE_CACHE_SYMLINKS
-            | InitFlags::FUSE_ASYNC_DIO
-            | InitFlags::FUSE_WRITEBACK_CACHE
-            // We clear set-ID bits ourselves (write, truncate; the backing
-            // chown does it for chown), so the kernel stops asking for
-            // `security.capability` before every write: a GETXATTR round
-            // trip, and a disk lookup per side, per write.
-            | InitFlags::FUSE_HANDLE_KILLPRIV_V2;
+        let mut wanted = wanted_capabilities();
+        if self.core.config.uring {
+            wanted |= InitFlags::FUSE_OVER_IO_URING;
+        }
         for flag in wanted.iter() {
             if config.add_capabilities(flag).is_err() {
                 log::info!("kernel lacks capability {flag:?}");
@@ -820,20 +1269,21 @@ impl Filesystem for MirrorFs {
         let _ = config.set_max_write(MAX_WRITE);
         let _ = config.set_max_background(64);
         let _ = config.set_congestion_threshold(48);
+        let uring = self.core.config.uring && config.capabilities().contains(InitFlags::FUSE_OVER_IO_URING);
+        self.core.uring.store(uring, Ordering::Release);
         Ok(())
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let name = name.to_os_string();
-        self.serve(reply, move |fs| fs.do_lookup(parent.0, &name), reply_entry);
+        self.lookup_op(parent.0, name.to_os_string(), reply);
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        self.core.nodes.forget(ino.0, nlookup);
+        self.forget_op(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
-        self.serve(reply, move |fs| fs.do_getattr(ino.0, fh), reply_attr);
+        self.getattr_op(ino.0, fh.map(|f| f.0), reply);
     }
 
     fn setattr(
@@ -854,84 +1304,41 @@ impl Filesystem for MirrorFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let caller = Arc::new(Caller::of(req));
-        // "Now" is read once, so that both sides, and a rescuer, set the same time.
-        let now = SystemTime::now();
-        self.serve(
-            reply,
-            move |fs| fs.do_setattr(&caller, ino.0, mode, uid, gid, size, atime, mtime, fh, now),
-            reply_attr,
-        );
+        let c = Changes {
+            mode,
+            uid,
+            gid,
+            size,
+            atime,
+            mtime,
+            fh: fh.map(|f| f.0),
+        };
+        self.setattr_op(Who::of(req), ino.0, c, reply);
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        self.serve(
-            reply,
-            move |fs| fs.do_readlink(ino.0),
-            |reply, r| match r {
-                Ok(d) => reply.data(&d),
-                Err(e) => reply.error(errno(&e)),
-            },
-        );
+        self.readlink_op(ino.0, reply);
     }
 
     fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
-        let owner = Owner {
-            uid: req.uid(),
-            gid: req.gid(),
-        };
-        let mode = (mode & libc::S_IFMT) | (mode & !umask & 0o7777);
-        let name = name.to_os_string();
-        self.serve(
-            reply,
-            move |fs| {
-                fs.make("mknod", parent.0, &name, move |v, p| {
-                    v.mknod(p, mode, rdev as u64, owner)
-                })
-            },
-            reply_entry,
-        );
+        self.mknod_op(Who::of(req), parent.0, name.to_os_string(), mode, umask, rdev, reply);
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
-        let owner = Owner {
-            uid: req.uid(),
-            gid: req.gid(),
-        };
-        let mode = mode & !umask & 0o7777;
-        let name = name.to_os_string();
-        self.serve(
-            reply,
-            move |fs| fs.make("mkdir", parent.0, &name, move |v, p| v.mkdir(p, mode, owner)),
-            reply_entry,
-        );
+        self.mkdir_op(Who::of(req), parent.0, name.to_os_string(), mode, umask, reply);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let name = name.to_os_string();
-        self.serve(reply, move |fs| fs.do_unlink(parent.0, &name, false), reply_empty);
+        self.unlink_op(parent.0, name.to_os_string(), false, reply);
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let name = name.to_os_string();
-        self.serve(reply, move |fs| fs.do_unlink(parent.0, &name, true), reply_empty);
+        self.unlink_op(parent.0, name.to_os_string(), true, reply);
     }
 
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
-        let owner = Owner {
-            uid: req.uid(),
-            gid: req.gid(),
-        };
         let target = target.as_os_str().to_os_string();
-        let name = link_name.to_os_string();
-        self.serve(
-            reply,
-            move |fs| {
-                let target = target.clone();
-                fs.make("symlink", parent.0, &name, move |v, p| v.symlink(&target, p, owner))
-            },
-            reply_entry,
-        );
+        self.symlink_op(Who::of(req), parent.0, link_name.to_os_string(), target, reply);
     }
 
     fn rename(
@@ -944,33 +1351,16 @@ impl Filesystem for MirrorFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        let (name, newname, flags) = (name.to_os_string(), newname.to_os_string(), flags.bits());
-        self.serve(
-            reply,
-            move |fs| fs.do_rename(parent.0, &name, newparent.0, &newname, flags),
-            reply_empty,
-        );
+        let (name, newname) = (name.to_os_string(), newname.to_os_string());
+        self.rename_op(parent.0, name, newparent.0, newname, flags.bits(), reply);
     }
 
     fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
-        let newname = newname.to_os_string();
-        self.serve(
-            reply,
-            move |fs| fs.writable().and_then(|_| fs.do_link(ino.0, newparent.0, &newname)),
-            reply_entry,
-        );
+        self.link_op(ino.0, newparent.0, newname.to_os_string(), reply);
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let flags = flags.0;
-        self.serve(
-            reply,
-            move |fs| fs.do_open(ino.0, flags),
-            |reply, r| match r {
-                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
-                Err(e) => reply.error(errno(&e)),
-            },
-        );
+        self.open_op(ino.0, flags.0, reply);
     }
 
     fn read(
@@ -984,14 +1374,7 @@ impl Filesystem for MirrorFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        self.serve(
-            reply,
-            move |fs| fs.do_read(fh.0, offset, size),
-            |reply, r| match r {
-                Ok(buf) => reply.data(&buf),
-                Err(e) => reply.error(errno(&e)),
-            },
-        );
+        self.read_op(fh.0, offset, size, reply);
     }
 
     fn write(
@@ -1007,29 +1390,11 @@ impl Filesystem for MirrorFs {
         reply: ReplyWrite,
     ) {
         let kill_setid = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
-        // The mirror's half may outlive this request if the mirror hangs,
-        // and a rescuer may need the data again: one pooled copy serves all.
-        let data = Arc::new(PooledBuf::copy_of(data));
-        self.serve(
-            reply,
-            move |fs| fs.do_write(fh.0, offset, &data, kill_setid),
-            |reply, r| match r {
-                Ok(n) => reply.written(n),
-                Err(e) => reply.error(errno(&e)),
-            },
-        );
+        self.write_op(fh.0, offset, PooledBuf::copy_of(data), kill_setid, reply);
     }
 
     fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
-        self.serve(
-            reply,
-            move |fs| {
-                fs.on_handle("flush", Pace::Sequential, fh.0, |f, side| {
-                    volume::flush(f.fd(side)?.as_fd())
-                })
-            },
-            reply_empty,
-        );
+        self.flush_op(fh.0, reply);
     }
 
     fn release(
@@ -1042,110 +1407,35 @@ impl Filesystem for MirrorFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let core = &self.core;
-        if let Some(f) = core.files.remove(fh.0) {
-            // Each side's fd is closed on that side's lane: a close on a hung
-            // side blocks, and must not block this thread.
-            match Arc::try_unwrap(f) {
-                Ok(file) => {
-                    for side in Side::BOTH {
-                        if let Some(fd) = file.take_fd(side) {
-                            core.engine.close_on(side, fd);
-                        }
-                    }
-                }
-                Err(shared) => core.engine.retire(shared),
-            }
-        }
-        reply.ok();
+        self.release_op(fh.0, reply);
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
-        self.serve(
-            reply,
-            move |fs| {
-                fs.on_handle("fsync", Pace::Concurrent, fh.0, move |f, side| {
-                    volume::fsync(f.fd(side)?.as_fd(), datasync)
-                })
-            },
-            reply_empty,
-        );
+        self.fsync_op(fh.0, datasync, reply);
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.core.do_opendir(ino.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
-            Err(e) => reply.error(errno(&e)),
-        }
+        self.opendir_op(ino.0, reply);
     }
 
     fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, reply: ReplyDirectory) {
-        self.serve(
-            reply,
-            move |fs| fs.do_readdir(fh.0, offset),
-            move |mut reply, r| match r {
-                Ok((dir, entries)) => {
-                    fill_readdir(&mut reply, dir, &entries, offset);
-                    reply.ok()
-                }
-                Err(e) => reply.error(errno(&e)),
-            },
-        );
+        self.readdir_op(fh.0, offset, reply);
     }
 
     fn readdirplus(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, reply: ReplyDirectoryPlus) {
-        let core = self.core.clone();
-        self.serve(
-            reply,
-            move |fs| fs.do_readdirplus(fh.0, offset),
-            move |mut reply, r| match r {
-                Ok(plus) => {
-                    core.fill_plus(&mut reply, offset, &plus);
-                    reply.ok()
-                }
-                Err(e) => reply.error(errno(&e)),
-            },
-        );
+        self.readdirplus_op(fh.0, offset, reply);
     }
 
     fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
-        self.core.dirs.remove(fh.0);
-        reply.ok();
+        self.releasedir_op(fh.0, reply);
     }
 
     fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
-        self.serve(
-            reply,
-            move |fs| {
-                let p = fs.nodes.path(ino.0)?;
-                let q = p.clone();
-                fs.engine
-                    .apply("fsyncdir", Pace::Concurrent, Subject::Path(&p), move |_, v| {
-                        v.fsync_path(&q, datasync)
-                    })
-            },
-            reply_empty,
-        );
+        self.fsyncdir_op(ino.0, datasync, reply);
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        self.serve(
-            reply,
-            |fs| fs.do_statfs(),
-            |reply, r| match r {
-                Ok((st, bfree, bavail, ffree)) => reply.statfs(
-                    st.f_blocks,
-                    bfree,
-                    bavail,
-                    st.f_files,
-                    ffree,
-                    st.f_bsize as u32,
-                    st.f_namemax as u32,
-                    st.f_frsize as u32,
-                ),
-                Err(e) => reply.error(errno(&e)),
-            },
-        );
+        self.statfs_op(reply);
     }
 
     fn setxattr(
@@ -1158,72 +1448,23 @@ impl Filesystem for MirrorFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        let (name, value) = (Arc::new(name.to_os_string()), Arc::new(value.to_vec()));
-        self.serve(
-            reply,
-            move |fs| {
-                fs.writable()?;
-                let p = fs.xattr_target(ino.0)?;
-                let (q, name, value) = (p.clone(), name.clone(), value.clone());
-                fs.engine
-                    .apply("setxattr", Pace::Sequential, Subject::Path(&p), move |_, v| {
-                        v.setxattr(&q, &name, &value, flags)
-                    })
-            },
-            reply_empty,
-        );
+        self.setxattr_op(ino.0, name.to_os_string(), value.to_vec(), flags, reply);
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let name = Arc::new(name.to_os_string());
-        self.serve(
-            reply,
-            move |fs| {
-                let p = fs.xattr_target(ino.0)?;
-                let (q, name) = (p.clone(), name.clone());
-                fs.engine.read("getxattr", Subject::Path(&p), move |_, v| {
-                    v.getxattr(&q, &name, size as usize)
-                })
-            },
-            move |reply, r| reply_xattr(reply, size, r),
-        );
+        self.getxattr_op(ino.0, name.to_os_string(), size, reply);
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        self.serve(
-            reply,
-            move |fs| {
-                let p = fs.xattr_target(ino.0)?;
-                let q = p.clone();
-                fs.engine.read("listxattr", Subject::Path(&p), move |_, v| {
-                    v.listxattr(&q, size as usize)
-                })
-            },
-            move |reply, r| reply_xattr(reply, size, r),
-        );
+        self.listxattr_op(ino.0, size, reply);
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let name = Arc::new(name.to_os_string());
-        self.serve(
-            reply,
-            move |fs| {
-                fs.writable()?;
-                let p = fs.xattr_target(ino.0)?;
-                let (q, name) = (p.clone(), name.clone());
-                fs.engine
-                    .apply("removexattr", Pace::Sequential, Subject::Path(&p), move |_, v| {
-                        v.removexattr(&q, &name)
-                    })
-            },
-            reply_empty,
-        );
+        self.removexattr_op(ino.0, name.to_os_string(), reply);
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
-        // The mount always uses default_permissions, so the kernel checks
-        // permissions; this only confirms the entry still exists.
-        self.serve(reply, move |fs| fs.do_getattr(ino.0, None).map(drop), reply_empty);
+        self.access_op(ino.0, reply);
     }
 
     fn create(
@@ -1236,19 +1477,7 @@ impl Filesystem for MirrorFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let owner = Owner {
-            uid: req.uid(),
-            gid: req.gid(),
-        };
-        let name = name.to_os_string();
-        self.serve(
-            reply,
-            move |fs| fs.do_create(owner, parent.0, &name, mode, umask, flags),
-            |reply, r| match r {
-                Ok((a, fh)) => reply.created(&TTL, &a, Generation(0), FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
-                Err(e) => reply.error(errno(&e)),
-            },
-        );
+        self.create_op(Who::of(req), parent.0, name.to_os_string(), mode, umask, flags, reply);
     }
 
     fn fallocate(
@@ -1261,33 +1490,11 @@ impl Filesystem for MirrorFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        self.serve(
-            reply,
-            move |fs| {
-                fs.writable()?;
-                fs.on_handle("fallocate", Pace::Concurrent, fh.0, move |f, side| {
-                    volume::fallocate(f.fd(side)?.as_fd(), mode, offset, length)
-                })
-            },
-            reply_empty,
-        );
+        self.fallocate_op(fh.0, offset, length, mode, reply);
     }
 
     fn lseek(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
-        self.serve(
-            reply,
-            move |fs| {
-                let f = fs.files.get(fh.0)?;
-                let ino = f.ino;
-                fs.engine.read("lseek", Subject::Inode(ino), move |side, _| {
-                    volume::lseek(f.fd(side)?.as_fd(), offset, whence)
-                })
-            },
-            |reply, r| match r {
-                Ok(o) => reply.offset(o),
-                Err(e) => reply.error(errno(&e)),
-            },
-        );
+        self.lseek_op(fh.0, offset, whence, reply);
     }
 
     fn copy_file_range(
@@ -1304,26 +1511,6 @@ impl Filesystem for MirrorFs {
         reply: ReplyWrite,
     ) {
         let flags = flags.bits() as u32;
-        self.serve(
-            reply,
-            move |fs| {
-                fs.writable()?;
-                let fin = fs.files.get(fh_in.0)?;
-                fs.on_handle("copy_file_range", Pace::Concurrent, fh_out.0, move |fout, side| {
-                    volume::copy_file_range(
-                        fin.fd(side)?.as_fd(),
-                        offset_in,
-                        fout.fd(side)?.as_fd(),
-                        offset_out,
-                        len,
-                        flags,
-                    )
-                })
-            },
-            |reply, r| match r {
-                Ok(n) => reply.written(n as u32),
-                Err(e) => reply.error(errno(&e)),
-            },
-        );
+        self.copy_file_range_op(fh_in.0, offset_in, fh_out.0, offset_out, len, flags, reply);
     }
 }

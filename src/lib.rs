@@ -16,6 +16,8 @@ pub mod meta;
 pub mod metrics;
 pub mod nodes;
 pub mod recovery;
+pub mod reply;
+pub mod ring;
 pub mod runtime;
 pub mod spec;
 pub mod volume;

@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
-ALL_TARGETS = ["native", "mirrorfs", "dual-native", "btrfs-raid1", "mergerfs"]
+ALL_TARGETS = ["native", "mirrorfs", "mirrorfs-devfuse", "dual-native", "btrfs-raid1", "mergerfs"]
 ALL_WORKLOADS = [
     "seqwrite",
     "randwrite",
@@ -58,7 +58,12 @@ WORKLOAD_ALIASES = {
     "sqlite": ["sqlite-journal", "sqlite-wal"],
     "all": ALL_WORKLOADS,
 }
-FUSE_TARGETS = {"mirrorfs", "mergerfs"}
+FUSE_TARGETS = {"mirrorfs", "mirrorfs-devfuse", "mergerfs"}
+MIRRORFS_TARGETS = {"mirrorfs", "mirrorfs-devfuse"}
+# mirrorfs serves through FUSE over io_uring when the kernel's switch is on
+# (the bench turns it on); "mirrorfs-devfuse" is the same binary with it
+# turned off for the daemon, served through /dev/fuse as before.
+URING_SWITCH = Path("/sys/module/fuse/parameters/enable_uring")
 # Workloads that a mirror serves from one side: running them on two plain
 # directories at once would measure nothing a mirror does.
 READ_WORKLOADS = {"seqread", "randread"}
@@ -460,16 +465,19 @@ class Bench:
             a.mkdir()
             b.mkdir()
             return Target(name, [a, b])
-        if name == "mirrorfs":
-            return self.setup_mirrorfs(cell)
+        if name in MIRRORFS_TARGETS:
+            return self.setup_mirrorfs(cell, name)
         if name == "mergerfs":
             return self.setup_mergerfs(cell)
         if name == "btrfs-raid1":
             return self.setup_btrfs(cell)
         raise AssertionError(name)
 
-    def _fuse_daemon(self, name: str, fstype: str, cmd: list[str], mnt: Path, logfile: Path, unmount_cmd) -> Target:
+    def _fuse_daemon(
+        self, name: str, fstype: str, cmd: list[str], mnt: Path, logfile: Path, unmount_cmd, extra_env=None
+    ) -> Target:
         env = {k: v for k, v in os.environ.items() if k != "RUST_LOG"}
+        env.update(extra_env or {})
         with open(logfile, "wb") as lf:
             proc = spawn(cmd, stdin=subprocess.DEVNULL, stdout=lf, stderr=lf, env=env, start_new_session=True)
         t = Target(name, [mnt], daemon=proc)
@@ -489,12 +497,22 @@ class Bench:
         os.chmod(mnt, 0o755)
         return t
 
-    def setup_mirrorfs(self, cell: Path) -> Target:
+    def setup_mirrorfs(self, cell: Path, name: str) -> Target:
         p, m, mnt = cell / "primary", cell / "mirror", cell / "mnt"
         cmd = [str(self.mirrorfs), "mount", "-f", "-o", "create,allow_other", f"{p}|{m}", str(mnt)]
-        return self._fuse_daemon(
-            "mirrorfs", "fuse.mirrorfs", cmd, mnt, cell / "mirrorfs.log", [str(self.mirrorfs), "unmount", str(mnt)]
+        env = {"MIRRORFS_URING": "0"} if name == "mirrorfs-devfuse" else {}
+        t = self._fuse_daemon(
+            name, "fuse.mirrorfs", cmd, mnt, cell / "mirrorfs.log", [str(self.mirrorfs), "unmount", str(mnt)], env
         )
+        out = run([str(self.mirrorfs), "status", "--json", str(mnt)], check=False)
+        try:
+            transport = json.loads(out.stdout).get("transport")
+        except ValueError:
+            transport = None
+        want = "/dev/fuse" if env else "io_uring"
+        if transport != want:
+            raise BenchError(f"{name} serves through {transport!r}, not {want}")
+        return t
 
     def setup_mergerfs(self, cell: Path) -> Target:
         branch, mnt = cell / "branch", cell / "mnt"
@@ -1105,7 +1123,7 @@ def preflight(targets: list[str], workloads: list[str], need_build: bool, mirror
         missing.append("root: run with sudo (mounts, loop devices, drop_caches, chown to postgres)")
     if need_build and not find_cargo():
         missing.append("cargo (rustup.rs), needed to build mirrorfs; or pass --no-build/--mirrorfs BIN")
-    if not need_build and "mirrorfs" in targets and mirrorfs_bin and not os.access(mirrorfs_bin, os.X_OK):
+    if not need_build and MIRRORFS_TARGETS & set(targets) and mirrorfs_bin and not os.access(mirrorfs_bin, os.X_OK):
         missing.append(f"{mirrorfs_bin}: no mirrorfs binary there (build it, or drop --no-build)")
     if FUSE_TARGETS & set(targets) and not os.path.exists("/dev/fuse"):
         missing.append("/dev/fuse (modprobe fuse; in a container pass --device /dev/fuse), needed for mirrorfs/mergerfs")
@@ -1194,7 +1212,7 @@ def main() -> int:
     mirrorfs_bin = Path(args.mirrorfs).absolute() if args.mirrorfs else target_dir / "release" / "mirrorfs"
     json_path = Path(args.json).absolute() if args.json else target_dir / "bench" / "bench-results.json"
 
-    missing = preflight(targets, workloads, need_build, mirrorfs_bin if "mirrorfs" in targets else None)
+    missing = preflight(targets, workloads, need_build, mirrorfs_bin if MIRRORFS_TARGETS & set(targets) else None)
     if missing:
         print("bench.py: cannot run the selected targets and workloads; missing:", file=sys.stderr)
         for m in missing:
@@ -1202,7 +1220,10 @@ def main() -> int:
         print("(.ci/install.sh installs all of them; or deselect with --targets/--workloads)", file=sys.stderr)
         return 1
 
-    if need_build and "mirrorfs" in targets:
+    if "mirrorfs" in targets and URING_SWITCH.exists() and URING_SWITCH.read_text().strip() != "Y":
+        log(f"turning FUSE over io_uring on ({URING_SWITCH})")
+        URING_SWITCH.write_text("Y\n")
+    if need_build and MIRRORFS_TARGETS & set(targets):
         log(f"cargo build --release (target dir {target_dir})")
         r = subprocess.run([find_cargo(), "build", "--release"], cwd=REPO)
         if r.returncode != 0:

@@ -77,6 +77,8 @@ pub struct Mounted {
     child: Option<Child>,
     /// Filesystems mounted for this test (e.g. a small tmpfs side), unmounted last.
     extra_mounts: Vec<PathBuf>,
+    /// Environment for the daemon, beyond the test's own.
+    env: Vec<(&'static str, &'static str)>,
 }
 
 impl Mounted {
@@ -88,6 +90,16 @@ impl Mounted {
     /// Like `new`, with the mirror on a tmpfs of `tmpfs_size` (e.g. "2m")
     /// when given: a real ENOSPC source.
     pub fn with_mirror_tmpfs(test: &str, opts: &str, tmpfs_size: Option<&str>) -> Option<Mounted> {
+        Self::with_env(test, opts, tmpfs_size, Vec::new())
+    }
+
+    /// Like `with_mirror_tmpfs`, with `env` set for the daemon.
+    pub fn with_env(
+        test: &str,
+        opts: &str,
+        tmpfs_size: Option<&str>,
+        env: Vec<(&'static str, &'static str)>,
+    ) -> Option<Mounted> {
         if !fuse_available(test) {
             return None;
         }
@@ -104,6 +116,7 @@ impl Mounted {
             mnt,
             child: None,
             extra_mounts: Vec::new(),
+            env,
         };
         if let Some(size) = tmpfs_size {
             std::fs::create_dir_all(&m.mirror).unwrap();
@@ -164,6 +177,7 @@ impl Mounted {
         cmd.arg(&spec)
             .arg(&self.mnt)
             .env("RUST_LOG", "warn")
+            .envs(self.env.iter().copied())
             .stdin(Stdio::null());
         cmd
     }
@@ -406,6 +420,7 @@ impl Mounted {
             mnt,
             child: None,
             extra_mounts: Vec::new(),
+            env: Vec::new(),
         };
         m.spawn(opts);
         Some(m)

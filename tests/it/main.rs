@@ -13,5 +13,6 @@ mod metrics;
 mod package;
 mod posix;
 mod resync;
+mod transport;
 mod verify;
 mod workloads;
