@@ -509,7 +509,7 @@ class Bench:
             transport = json.loads(out.stdout).get("transport")
         except ValueError:
             transport = None
-        want = "/dev/fuse" if env else "io_uring"
+        want = "/dev/fuse" if name == "mirrorfs-devfuse" else "io_uring"
         if transport != want:
             raise BenchError(f"{name} serves through {transport!r}, not {want}")
         return t
