@@ -210,7 +210,6 @@ pub fn start(fs: MirrorFs, dev: OwnedFd, threads: usize, payload_len: usize) -> 
     Ok(registered)
 }
 
-
 /// Serves `entry` on a ring of this thread's own: sends `first` (register
 /// the entry, or commit the answer a rescuer wrote), then answers each
 /// request the kernel puts in the entry, until the connection ends or a
