@@ -21,6 +21,7 @@ use std::time::{Duration, Instant, SystemTime};
 use nix::sys::signal::{SigSet, Signal};
 
 use crate::control::{self, Control};
+use crate::engine::handoff::{self, RecvTimeoutError};
 use crate::engine::{Engine, EngineConfig, Policy};
 use crate::events::{Event, Events, Kind};
 use crate::fs::{FsConfig, MirrorFs};
@@ -904,9 +905,11 @@ fn serve_until_unmounted<FS: fuser::Filesystem + Send + 'static>(
     session: fuser::Session<FS>,
     mountpoint: &Path,
 ) -> io::Result<()> {
-    let (tx, rx) = crossbeam_channel::bounded(1);
+    // The handoff channel sleeps at once; crossbeam's receiver would spin
+    // and yield on each of these once-a-second waits.
+    let (tx, rx) = handoff::channel();
     std::thread::Builder::new().name("fuse-session".into()).spawn(move || {
-        let _ = tx.send(session.run());
+        tx.send(session.run());
     })?;
     // Only a mount once seen in the table and then gone counts as ended: a
     // mountpoint the table spells differently must not end a live session.
@@ -917,13 +920,13 @@ fn serve_until_unmounted<FS: fuser::Filesystem + Send + 'static>(
             break;
         }
         seen |= mounted;
-        match rx.recv_timeout(Duration::from_secs(1)) {
+        match rx.recv_deadline(Instant::now() + Duration::from_secs(1)) {
             Ok(r) => return r,
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return Ok(()),
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return Ok(()),
+            Err(RecvTimeoutError::Timeout) => {}
         }
     }
-    match rx.recv_timeout(SESSION_JOIN) {
+    match rx.recv_deadline(Instant::now() + SESSION_JOIN) {
         Ok(r) => r,
         Err(_) => {
             log::warn!("a FUSE thread is still inside a call on a hung side; not waiting for it");

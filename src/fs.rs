@@ -462,10 +462,11 @@ impl Core {
                         if let Some(s) = size {
                             v.truncate(p, s)?;
                         }
-                        if at != SetTime::Omit || mt != SetTime::Omit {
-                            v.utimens(p, at, mt)?;
-                        }
-                        let st = v.lstat(p)?;
+                        let st = if at != SetTime::Omit || mt != SetTime::Omit {
+                            v.utimens_lstat(p, at, mt)?
+                        } else {
+                            v.lstat(p)?
+                        };
                         if truncates && volume::without_setid(st.st_mode).is_some() && caller.lacks_fsetid() {
                             return v.kill_setid(p);
                         }
@@ -883,8 +884,20 @@ pub fn wanted_capabilities() -> InitFlags {
 /// answers; the result says whether this thread answered (false: a
 /// rescuer has or will).
 impl MirrorFs {
+    /// A name that does not exist is answered as a negative entry the
+    /// kernel may cache for `TTL`, as it caches a positive one: every
+    /// change comes through the mount, which drops it when the name is
+    /// made. (SQLite looks for its hot journal before each transaction.)
     pub fn lookup_op(&self, parent: u64, name: OsString, reply: impl reply::Entry) -> bool {
-        self.serve(reply, move |fs| fs.do_lookup(parent, &name), finish_entry)
+        self.serve(
+            reply,
+            move |fs| fs.do_lookup(parent, &name),
+            |reply, r| match r {
+                Ok(a) => reply.entry(&a),
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => reply.negative(),
+                Err(e) => errno_of(reply, &e),
+            },
+        )
     }
 
     pub fn getattr_op(&self, ino: u64, fh: Option<u64>, reply: impl reply::Attr) -> bool {

@@ -27,6 +27,29 @@ pub trait Fail: Send + 'static {
 
 pub trait Entry: Fail {
     fn entry(self, a: &FileAttr);
+    /// No such entry, for `TTL` (node id 0).
+    fn negative(self);
+}
+
+/// The attributes of a negative entry: node id 0 is what says it.
+pub fn negative_attr() -> FileAttr {
+    FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: std::time::UNIX_EPOCH,
+        mtime: std::time::UNIX_EPOCH,
+        ctime: std::time::UNIX_EPOCH,
+        crtime: std::time::UNIX_EPOCH,
+        kind: FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 0,
+        flags: 0,
+    }
 }
 
 pub trait Attr: Fail {
@@ -121,6 +144,10 @@ fail!(
 impl Entry for ReplyEntry {
     fn entry(self, a: &FileAttr) {
         ReplyEntry::entry(self, &TTL, a, Generation(0))
+    }
+
+    fn negative(self) {
+        ReplyEntry::entry(self, &TTL, &negative_attr(), Generation(0))
     }
 }
 

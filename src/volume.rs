@@ -299,9 +299,19 @@ impl Volume {
 
     pub fn rename(&self, old: &Path, new: &Path, flags: u32) -> io::Result<()> {
         let (ob, on) = self.parent(old)?;
-        let (nb, nn) = self.parent(new)?;
+        // Within one directory (the common rename), its fd serves both.
+        let (nb, nn) = if old.parent() == new.parent() {
+            let name = new
+                .file_name()
+                .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+            (None, cstr(name)?)
+        } else {
+            let (b, n) = self.parent(new)?;
+            (Some(b), n)
+        };
+        let nraw = nb.as_ref().map_or(ob.raw(), |b| b.raw());
         // SAFETY: valid dirfds and C strings.
-        cvt(unsafe { libc::renameat2(ob.raw(), on.as_ptr(), nb.raw(), nn.as_ptr(), flags) }).map(drop)
+        cvt(unsafe { libc::renameat2(ob.raw(), on.as_ptr(), nraw, nn.as_ptr(), flags) }).map(drop)
     }
 
     pub fn readlink(&self, rel: &Path) -> io::Result<Vec<u8>> {
@@ -359,6 +369,21 @@ impl Volume {
         let (base, name) = self.parent(rel)?;
         // SAFETY: valid dirfd, C string and timespec array.
         cvt(unsafe { libc::utimensat(base.raw(), name.as_ptr(), ts.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) }).map(drop)
+    }
+
+    /// `utimens`, then `lstat`, through one open of the parent: the
+    /// writeback cache's flush of times (on every fsync, rename and unlink
+    /// of a written file) costs one path walk per side.
+    pub fn utimens_lstat(&self, rel: &Path, atime: SetTime, mtime: SetTime) -> io::Result<Stat> {
+        if rel.as_os_str().is_empty() {
+            self.utimens(rel, atime, mtime)?;
+            return self.lstat(rel);
+        }
+        let ts = [atime.timespec(), mtime.timespec()];
+        let (base, name) = self.parent(rel)?;
+        // SAFETY: valid dirfd, C string and timespec array.
+        cvt(unsafe { libc::utimensat(base.raw(), name.as_ptr(), ts.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) })?;
+        fstatat(base.raw(), &name)
     }
 
     /// Runs `f` with a path naming exactly the entry `rel` (via its `O_PATH`

@@ -80,7 +80,9 @@ impl Drop for Pass {
     fn drop(&mut self) {
         let mut s = self.inner.lock();
         s.passes -= 1;
-        if s.passes == 0 {
+        // Only an exclusive holder waits for the passes to drain (a wake
+        // is a system call even with no one waiting: one per change).
+        if s.passes == 0 && s.exclusive > 0 {
             self.inner.cond.notify_all();
         }
     }

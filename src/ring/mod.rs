@@ -521,6 +521,10 @@ impl reply::Entry for Reply {
     fn entry(self, a: &FileAttr) {
         self.ok_with(|b| abi::entry_out(b, a, TTL))
     }
+
+    fn negative(self) {
+        self.ok_with(|b| abi::entry_out(b, &reply::negative_attr(), TTL))
+    }
 }
 
 impl reply::Attr for Reply {
