@@ -177,6 +177,10 @@ impl Entry {
 /// another.
 const MIN_PER_QUEUE: usize = 2;
 
+/// Registrations refused with EAGAIN (INIT's answer not taken yet) are
+/// tried again every millisecond, this many times.
+const REGISTER_RETRIES: u32 = 5_000;
+
 /// Starts about `threads` ring threads, as many per possible CPU, for the
 /// mount whose `/dev/fuse` is `dev`, right after its INIT was answered
 /// with FUSE_OVER_IO_URING. Returns the number of entries whose
@@ -231,6 +235,9 @@ fn serve(entry: Arc<Entry>, first: u32, mut registered: Option<crossbeam_channel
         }
     };
     let mut cmd = first;
+    // INIT is answered before the ring starts, but the kernel may not have
+    // taken the answer yet (EAGAIN): retried for as long as `start` waits.
+    let mut retries = 0;
     loop {
         let sqe = entry.command(cmd);
         // SAFETY: the SQE points at the entry's iovecs and buffers, which
@@ -250,8 +257,8 @@ fn serve(entry: Arc<Entry>, first: u32, mut registered: Option<crossbeam_channel
                     let _ = tx.send(Err(e));
                     return;
                 }
-                (_, Some(e)) if -e == libc::EAGAIN => {
-                    // INIT not processed yet: try again.
+                (_, Some(e)) if -e == libc::EAGAIN && retries < REGISTER_RETRIES => {
+                    retries += 1;
                     registered = Some(tx);
                     std::thread::sleep(Duration::from_millis(1));
                     continue;
@@ -280,7 +287,8 @@ fn serve(entry: Arc<Entry>, first: u32, mut registered: Option<crossbeam_channel
         };
         match -res {
             0 => {}
-            libc::EAGAIN if cmd == abi::CMD_REGISTER => {
+            libc::EAGAIN if cmd == abi::CMD_REGISTER && retries < REGISTER_RETRIES => {
+                retries += 1;
                 std::thread::sleep(Duration::from_millis(1));
                 continue;
             }
