@@ -1,10 +1,12 @@
-//! `impl fuser::Filesystem` for mirrorfs.
+//! The operations of mirrorfs, for either transport: `impl
+//! fuser::Filesystem` (`/dev/fuse`) and `ring` (FUSE over io_uring).
 //!
-//! Owns: the translation between FUSE requests and the engine. Each trait
-//! method is a thin shell that calls a `do_<op>` returning `io::Result` and
-//! replies exactly once; this is the only code that touches `Errno` or
-//! `Reply*`. Which side answers and what a side failure does are the
-//! engine's business (`mirror::resolve`).
+//! Owns: the translation between FUSE requests and the engine. Each
+//! operation (`<op>_op`) is written once, generic over the kind of answer
+//! (`reply`), hands `serve` a `do_<op>` returning `io::Result`, and replies
+//! exactly once; the trait methods only unpack fuser's arguments. Which
+//! side answers and what a side failure does are the engine's business
+//! (`engine::resolve`).
 
 use std::ffi::{OsStr, OsString};
 use std::io;
