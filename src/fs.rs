@@ -78,11 +78,30 @@ fn dtype_kind(dtype: u8) -> FileType {
     }
 }
 
-fn time(secs: i64, nsecs: i64) -> SystemTime {
+/// A time given as seconds and nanoseconds since the epoch (before it: a
+/// negative second and a positive nanosecond, as `struct timespec`).
+pub fn system_time(secs: i64, nsecs: i64) -> SystemTime {
     if secs >= 0 {
         UNIX_EPOCH + Duration::new(secs as u64, nsecs as u32)
     } else {
         UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs()) + Duration::from_nanos(nsecs as u64)
+    }
+}
+
+/// `system_time`'s inverse: seconds and nanoseconds since the epoch.
+pub fn since_epoch(t: SystemTime) -> (i64, i64) {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => (d.as_secs() as i64, d.subsec_nanos() as i64),
+        Err(e) => {
+            let d = e.duration();
+            let mut secs = -(d.as_secs() as i64);
+            let mut nanos = -(d.subsec_nanos() as i64);
+            if nanos < 0 {
+                secs -= 1;
+                nanos += 1_000_000_000;
+            }
+            (secs, nanos)
+        }
     }
 }
 
@@ -91,9 +110,9 @@ fn attr(ino: u64, st: &Stat) -> FileAttr {
         ino: INodeNo(ino),
         size: st.st_size as u64,
         blocks: st.st_blocks as u64,
-        atime: time(st.st_atime, st.st_atime_nsec),
-        mtime: time(st.st_mtime, st.st_mtime_nsec),
-        ctime: time(st.st_ctime, st.st_ctime_nsec),
+        atime: system_time(st.st_atime, st.st_atime_nsec),
+        mtime: system_time(st.st_mtime, st.st_mtime_nsec),
+        ctime: system_time(st.st_ctime, st.st_ctime_nsec),
         crtime: UNIX_EPOCH,
         kind: kind(st.st_mode),
         perm: (st.st_mode & 0o7777) as u16,
@@ -112,22 +131,8 @@ fn set_time(t: Option<TimeOrNow>, now: SystemTime) -> SetTime {
         Some(TimeOrNow::Now) => now,
         Some(TimeOrNow::SpecificTime(t)) => t,
     };
-    match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => SetTime::At {
-            secs: d.as_secs() as i64,
-            nanos: d.subsec_nanos() as i64,
-        },
-        Err(e) => {
-            let d = e.duration();
-            let mut secs = -(d.as_secs() as i64);
-            let mut nanos = -(d.subsec_nanos() as i64);
-            if nanos < 0 {
-                secs -= 1;
-                nanos += 1_000_000_000;
-            }
-            SetTime::At { secs, nanos }
-        }
-    }
+    let (secs, nanos) = since_epoch(t);
+    SetTime::At { secs, nanos }
 }
 
 /// Flags for opening the backing files. O_APPEND is dropped because the
@@ -403,16 +408,10 @@ impl Core {
     fn do_setattr(&self, caller: &Arc<Caller>, ino: u64, c: Changes, now: SystemTime) -> io::Result<FileAttr> {
         self.writable()?;
         let Changes {
-            mode,
-            uid,
-            gid,
-            size,
-            atime,
-            mtime,
-            fh,
+            mode, uid, gid, size, ..
         } = c;
-        let target = Arc::new(self.target(ino, fh.map(FileHandle))?);
-        let (at, mt) = (set_time(atime, now), set_time(mtime, now));
+        let target = Arc::new(self.target(ino, c.fh.map(FileHandle))?);
+        let (at, mt) = (set_time(c.atime, now), set_time(c.mtime, now));
         let path = match &*target {
             Target::Path(p) => Some(p.clone()),
             Target::File(_) => None,

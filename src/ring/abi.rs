@@ -10,9 +10,11 @@
 
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use fuser::{FileAttr, FileType, TimeOrNow};
+
+use crate::fs::{since_epoch, system_time};
 
 /// `struct fuse_uring_req_header`: in_out, op_in, ring_ent_in_out.
 pub const HEADER_LEN: usize = 288;
@@ -123,13 +125,13 @@ impl InHeader {
     }
 }
 
-/// The NUL-terminated strings at the start of a payload, in order.
-pub fn names(payload: &[u8], n: usize) -> Option<Vec<OsString>> {
-    let mut out = Vec::with_capacity(n);
+/// The `N` NUL-terminated strings at the start of a payload, in order.
+pub fn names<const N: usize>(payload: &[u8]) -> Option<[OsString; N]> {
     let mut rest = payload;
-    for _ in 0..n {
+    let mut out: [OsString; N] = std::array::from_fn(|_| OsString::new());
+    for name in out.iter_mut() {
         let end = rest.iter().position(|&c| c == 0)?;
-        out.push(OsStr::from_bytes(&rest[..end]).to_os_string());
+        *name = OsStr::from_bytes(&rest[..end]).to_os_string();
         rest = &rest[end + 1..];
     }
     Some(out)
@@ -151,15 +153,7 @@ fn time_or_now(valid: u32, set: u32, now: u32, secs: u64, nsecs: u32) -> Option<
     } else if valid & now != 0 {
         Some(TimeOrNow::Now)
     } else {
-        Some(TimeOrNow::SpecificTime(from_parts(secs as i64, nsecs)))
-    }
-}
-
-fn from_parts(secs: i64, nsecs: u32) -> SystemTime {
-    if secs >= 0 {
-        UNIX_EPOCH + std::time::Duration::new(secs as u64, nsecs)
-    } else {
-        UNIX_EPOCH - std::time::Duration::from_secs(secs.unsigned_abs()) + std::time::Duration::from_nanos(nsecs as u64)
+        Some(TimeOrNow::SpecificTime(system_time(secs as i64, nsecs as i64)))
     }
 }
 
@@ -210,26 +204,16 @@ impl Body<'_> {
     }
 }
 
-pub const ATTR_LEN: usize = 88;
-pub const ENTRY_OUT_LEN: usize = 40 + ATTR_LEN;
-pub const ATTR_OUT_LEN: usize = 16 + ATTR_LEN;
-pub const OPEN_OUT_LEN: usize = 16;
-pub const STATFS_OUT_LEN: usize = 80;
+/// `struct fuse_attr`, and `fuse_entry_out` around it.
+const ATTR_LEN: usize = 88;
+const ENTRY_OUT_LEN: usize = 40 + ATTR_LEN;
 const DIRENT_LEN: usize = 24;
 
+/// A time as `fuse_attr` holds it: seconds (two's complement before the
+/// epoch) and nanoseconds.
 fn parts(t: SystemTime) -> (u64, u32) {
-    match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => (d.as_secs(), d.subsec_nanos()),
-        Err(e) => {
-            let d = e.duration();
-            let (mut s, mut n) = (-(d.as_secs() as i64), -(d.subsec_nanos() as i64));
-            if n < 0 {
-                s -= 1;
-                n += 1_000_000_000;
-            }
-            (s as u64, n as u32)
-        }
-    }
+    let (secs, nanos) = since_epoch(t);
+    (secs as u64, nanos as u32)
 }
 
 fn type_bits(kind: FileType) -> u32 {
@@ -332,10 +316,10 @@ mod tests {
     #[test]
     fn names_and_the_rest_of_a_payload() {
         let p = b"old\0new\0value";
-        let n = names(p, 2).unwrap();
-        assert_eq!(n, vec![OsString::from("old"), OsString::from("new")]);
+        let n = names::<2>(p).unwrap();
+        assert_eq!(n, [OsString::from("old"), OsString::from("new")]);
         assert_eq!(after_names(p, 2).unwrap(), b"value");
-        assert!(names(b"unterminated", 1).is_none());
+        assert!(names::<1>(b"unterminated").is_none());
     }
 
     #[test]

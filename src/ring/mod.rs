@@ -30,7 +30,6 @@
 pub mod abi;
 
 use std::cell::UnsafeCell;
-use std::ffi::OsString;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
@@ -328,10 +327,10 @@ fn answer(entry: &Arc<Entry>) -> bool {
         pid: h.pid,
     };
     let ino = h.nodeid;
-    let name = |n: usize| abi::names(payload, n);
+    // The request's names, or EINVAL if the payload lacks them.
     macro_rules! names_or_einval {
-        ($n:expr) => {
-            match name($n) {
+        () => {
+            match abi::names(payload) {
                 Some(v) => v,
                 None => return r.fail(libc::EINVAL),
             }
@@ -339,7 +338,7 @@ fn answer(entry: &Arc<Entry>) -> bool {
     }
     match h.opcode {
         op::LOOKUP => {
-            let [n] = one(names_or_einval!(1));
+            let [n] = names_or_einval!();
             fs.lookup_op(ino, n, r)
         }
         op::GETATTR => {
@@ -349,32 +348,28 @@ fn answer(entry: &Arc<Entry>) -> bool {
         op::SETATTR => fs.setattr_op(who, ino, abi::setattr(&op_in), r),
         op::READLINK => fs.readlink_op(ino, r.limit(usize::MAX)),
         op::SYMLINK => {
-            let mut v = names_or_einval!(2);
-            let target = v.pop().unwrap_or_default();
-            let [n] = one(v);
+            let [n, target] = names_or_einval!();
             fs.symlink_op(who, ino, n, target, r)
         }
         op::MKNOD => {
-            let [n] = one(names_or_einval!(1));
+            let [n] = names_or_einval!();
             fs.mknod_op(who, ino, n, f.u32(0), f.u32(8), f.u32(4), r)
         }
         op::MKDIR => {
-            let [n] = one(names_or_einval!(1));
+            let [n] = names_or_einval!();
             fs.mkdir_op(who, ino, n, f.u32(0), f.u32(4), r)
         }
         op::UNLINK | op::RMDIR => {
-            let [n] = one(names_or_einval!(1));
+            let [n] = names_or_einval!();
             fs.unlink_op(ino, n, h.opcode == op::RMDIR, r)
         }
         op::RENAME | op::RENAME2 => {
-            let mut v = names_or_einval!(2);
-            let to = v.pop().unwrap_or_default();
-            let [from] = one(v);
+            let [from, to] = names_or_einval!();
             let flags = if h.opcode == op::RENAME2 { f.u32(8) } else { 0 };
             fs.rename_op(ino, from, f.u64(0), to, flags, r)
         }
         op::LINK => {
-            let [n] = one(names_or_einval!(1));
+            let [n] = names_or_einval!();
             fs.link_op(f.u64(0), ino, n, r)
         }
         op::OPEN => fs.open_op(ino, f.u32(0) as i32, r),
@@ -392,14 +387,14 @@ fn answer(entry: &Arc<Entry>) -> bool {
         op::FSYNC => fs.fsync_op(f.u64(0), f.u32(8) & abi::FSYNC_FDATASYNC != 0, r),
         op::SETXATTR => {
             // Without FUSE_SETXATTR_EXT: { size, flags }, then name, value.
-            let [n] = one(names_or_einval!(1));
+            let [n] = names_or_einval!();
             let size = f.u32(0) as usize;
             let value = abi::after_names(payload, 1).unwrap_or_default();
             let value = value[..size.min(value.len())].to_vec();
             fs.setxattr_op(ino, n, value, f.u32(4) as i32, r)
         }
         op::GETXATTR => {
-            let [n] = one(names_or_einval!(1));
+            let [n] = names_or_einval!();
             let size = f.u32(0);
             fs.getxattr_op(ino, n, size, r.limit(size as usize))
         }
@@ -408,7 +403,7 @@ fn answer(entry: &Arc<Entry>) -> bool {
             fs.listxattr_op(ino, size, r.limit(size as usize))
         }
         op::REMOVEXATTR => {
-            let [n] = one(names_or_einval!(1));
+            let [n] = names_or_einval!();
             fs.removexattr_op(ino, n, r)
         }
         op::FLUSH => fs.flush_op(f.u64(0), r),
@@ -425,7 +420,7 @@ fn answer(entry: &Arc<Entry>) -> bool {
         op::FSYNCDIR => fs.fsyncdir_op(ino, f.u32(8) & abi::FSYNC_FDATASYNC != 0, r),
         op::ACCESS => fs.access_op(ino, r),
         op::CREATE => {
-            let [n] = one(names_or_einval!(1));
+            let [n] = names_or_einval!();
             fs.create_op(who, ino, n, f.u32(4), f.u32(8), f.u32(0) as i32, r)
         }
         op::FALLOCATE => fs.fallocate_op(f.u64(0), f.u64(8), f.u64(16), f.u32(24) as i32, r),
@@ -439,11 +434,6 @@ fn answer(entry: &Arc<Entry>) -> bool {
         }
         _ => r.fail(libc::ENOSYS),
     }
-}
-
-fn one(v: Vec<OsString>) -> [OsString; 1] {
-    let mut v = v;
-    [v.pop().unwrap_or_default()]
 }
 
 /// The answer to the request in an entry: written into the entry's

@@ -8,8 +8,9 @@ use std::fs::{self, OpenOptions};
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::process::Command;
 
-use crate::common::Mounted;
+use crate::common::{Mounted, ok};
 use crate::failover::status_json;
 
 const ENABLE: &str = "/sys/module/fuse/parameters/enable_uring";
@@ -57,17 +58,12 @@ fn exercise(m: &Mounted) {
     );
     fs::rename(m.path("d/big2"), m.path("d/e/moved")).unwrap();
     fs::remove_file(m.path("d/e/file-with-a-long-name-0000")).unwrap();
-    let x = crate::common::ok(
-        std::process::Command::new("setfattr")
-            .args(["-n", "user.t", "-v", "value-1"])
-            .arg(m.path("d/big")),
-    );
-    drop(x);
-    let out = crate::common::ok(
-        std::process::Command::new("getfattr")
-            .args(["-d", "--absolute-names"])
-            .arg(m.path("d/big")),
-    );
+    ok(Command::new("setfattr")
+        .args(["-n", "user.t", "-v", "value-1"])
+        .arg(m.path("d/big")));
+    let out = ok(Command::new("getfattr")
+        .args(["-d", "--absolute-names"])
+        .arg(m.path("d/big")));
     assert!(String::from_utf8_lossy(&out.stdout).contains("user.t=\"value-1\""));
     let st = nix::sys::statvfs::statvfs(&m.mnt).unwrap();
     assert!(st.blocks() > 0 && st.block_size() > 0);
