@@ -246,12 +246,16 @@ fn serve(entry: Arc<Entry>, first: u32, mut registered: Option<crossbeam_channel
             log::error!("ring full");
             return;
         }
+        // A request the kernel put in the entry as soon as it was
+        // registered (the first requests of a mount wait for the ring).
+        let mut delivered = None;
         if let Some(tx) = registered.take() {
             // A refused registration completes at once; a taken one only
-            // when a request comes.
+            // when a request comes, which may be at once too: that
+            // completion is the entry's first request, not to be dropped.
             let r = ring.submit();
-            let refused = ring.completion().next().map(|c| c.result()).filter(|&r| r < 0);
-            match (r, refused) {
+            let first = ring.completion().next().map(|c| c.result());
+            match (r, first) {
                 (Err(e), _) => {
                     let _ = tx.send(Err(e));
                     return;
@@ -262,27 +266,31 @@ fn serve(entry: Arc<Entry>, first: u32, mut registered: Option<crossbeam_channel
                     std::thread::sleep(Duration::from_millis(1));
                     continue;
                 }
-                (_, Some(e)) => {
+                (_, Some(e)) if e < 0 => {
                     let _ = tx.send(Err(io::Error::from_raw_os_error(-e)));
                     return;
                 }
-                (Ok(_), None) => {
+                (Ok(_), first) => {
                     let _ = tx.send(Ok(()));
+                    delivered = first;
                 }
             }
         }
-        let res = loop {
-            match ring.submit_and_wait(1) {
-                Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-                Err(e) => {
-                    log::error!("ring wait: {e}");
-                    return;
+        let res = match delivered {
+            Some(res) => res,
+            None => loop {
+                match ring.submit_and_wait(1) {
+                    Ok(_) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                    Err(e) => {
+                        log::error!("ring wait: {e}");
+                        return;
+                    }
                 }
-            }
-            if let Some(c) = ring.completion().next() {
-                break c.result();
-            }
+                if let Some(c) = ring.completion().next() {
+                    break c.result();
+                }
+            },
         };
         match -res {
             0 => {}

@@ -9,6 +9,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
 use crate::common::{Mounted, ok};
 use crate::failover::status_json;
@@ -143,4 +144,21 @@ fn the_dev_fuse_transport_serves_everything_when_io_uring_is_off() {
     assert_eq!(st["transport"], "/dev/fuse", "{st}");
     exercise(&m);
     m.finish();
+}
+
+/// The first requests of a mount wait in the kernel until the ring is up,
+/// and one of them may be put in an entry the moment it is registered: it
+/// must be answered, not lost (an early version dropped that completion,
+/// and the request hung for good). Each round mounts and at once lists
+/// the mount from another process, with a time limit.
+#[test]
+fn the_first_request_of_each_mount_is_answered() {
+    for round in 0..20 {
+        let Some(m) = Mounted::new("the_first_request_of_each_mount_is_answered", "") else {
+            return;
+        };
+        let out = crate::common::run_within(Command::new("ls").arg("-la").arg(&m.mnt), Duration::from_secs(10));
+        assert!(out.status.success(), "round {round}: ls of a fresh mount failed");
+        m.finish();
+    }
 }
