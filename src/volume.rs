@@ -10,12 +10,15 @@
 //! so the FUSE layer can answer with the exact errno. This module knows
 //! nothing of the other side, of health or of FUSE.
 
+use std::collections::HashMap;
 use std::ffi::{CStr, CString, OsStr, OsString};
 use std::io;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use crate::spec::Side;
 
@@ -84,19 +87,86 @@ pub struct DirEntry {
     pub dtype: u8,
 }
 
-/// A directory fd used as the base of an `*at()` call: the root, borrowed, or
-/// an fd opened for the call and closed when dropped.
+/// A directory fd used as the base of an `*at()` call: the root, borrowed,
+/// or a directory's `O_PATH` fd shared with the cache of parents.
 enum Base<'a> {
     Root(BorrowedFd<'a>),
-    Owned(OwnedFd),
+    Shared(Arc<OwnedFd>),
 }
 
 impl Base<'_> {
     fn raw(&self) -> RawFd {
         match self {
             Base::Root(fd) => fd.as_raw_fd(),
-            Base::Owned(fd) => fd.as_raw_fd(),
+            Base::Shared(fd) => fd.as_raw_fd(),
         }
+    }
+}
+
+/// How long a cached directory fd is used before its path is walked
+/// again: the bound on how long a directory renamed or removed behind the
+/// mount's back (on the backing tree itself) is still reached through its
+/// old fd.
+const DIR_FRESH: Duration = Duration::from_secs(1);
+/// Cached directories per side; past it the cache starts over.
+const DIR_CACHE: usize = 64;
+
+/// The `O_PATH` fds of directories recently used as parents, by path
+/// beneath the root: a name operation (stat, create, rename, unlink, open)
+/// then costs one `*at()` call instead of an `openat2` walk, the call and a
+/// `close`. Every rename and rmdir made through this volume forgets the
+/// directories at and beneath the names it touches, before it returns, so
+/// the mount's own changes never leave a stale fd; `forgets` (bumped by
+/// each) keeps an fd opened before such a change out of the cache.
+#[derive(Debug, Default)]
+struct DirCache {
+    inner: Mutex<Dirs>,
+}
+
+#[derive(Debug, Default)]
+struct Dirs {
+    fds: HashMap<PathBuf, (Arc<OwnedFd>, Instant)>,
+    forgets: u64,
+}
+
+impl DirCache {
+    fn lock(&self) -> MutexGuard<'_, Dirs> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The fd of directory `rel`, cached or opened by `open`.
+    fn get(&self, rel: &Path, open: impl FnOnce() -> io::Result<OwnedFd>) -> io::Result<Arc<OwnedFd>> {
+        let forgets = {
+            let d = self.lock();
+            if let Some((fd, at)) = d.fds.get(rel)
+                && at.elapsed() < DIR_FRESH
+            {
+                return Ok(fd.clone());
+            }
+            d.forgets
+        };
+        let fd = Arc::new(open()?);
+        let mut d = self.lock();
+        if d.forgets == forgets {
+            let old = if d.fds.len() >= DIR_CACHE {
+                std::mem::take(&mut d.fds)
+            } else {
+                HashMap::new()
+            };
+            d.fds.insert(rel.to_path_buf(), (fd.clone(), Instant::now()));
+            drop(d);
+            drop(old);
+        }
+        Ok(fd)
+    }
+
+    /// Forgets `rel` and every directory beneath it.
+    fn forget(&self, rel: &Path) {
+        let mut d = self.lock();
+        d.forgets += 1;
+        let gone: Vec<_> = d.fds.extract_if(|p, _| p.starts_with(rel)).collect();
+        drop(d);
+        drop(gone);
     }
 }
 
@@ -106,6 +176,7 @@ pub struct Volume {
     pub side: Side,
     pub path: PathBuf,
     root: OwnedFd,
+    dirs: DirCache,
 }
 
 impl Volume {
@@ -120,6 +191,7 @@ impl Volume {
             side,
             path: path.to_path_buf(),
             root,
+            dirs: DirCache::default(),
         })
     }
 
@@ -169,8 +241,10 @@ impl Volume {
         let name = cstr(name)?;
         match rel.parent() {
             Some(p) if !p.as_os_str().is_empty() => {
-                let fd = self.openat2(p, libc::O_PATH | libc::O_DIRECTORY, 0)?;
-                Ok((Base::Owned(fd), name))
+                let fd = self
+                    .dirs
+                    .get(p, || self.openat2(p, libc::O_PATH | libc::O_DIRECTORY, 0))?;
+                Ok((Base::Shared(fd), name))
             }
             _ => Ok((Base::Root(self.root.as_fd()), name)),
         }
@@ -185,12 +259,17 @@ impl Volume {
         fstatat(base.raw(), &name)
     }
 
-    /// Opens an existing entry for I/O.
+    /// Opens an existing entry for I/O (a symlink is not followed: ELOOP).
     pub fn open_file(&self, rel: &Path, flags: i32) -> io::Result<OwnedFd> {
         if rel.as_os_str().is_empty() {
             return self.openat2(Path::new("."), flags, 0);
         }
-        self.openat2(rel, flags, 0)
+        let (base, name) = self.parent(rel)?;
+        let f = (flags & !libc::O_CREAT) | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+        // SAFETY: valid dirfd and C string.
+        let fd = cvt(unsafe { libc::openat(base.raw(), name.as_ptr(), f) })?;
+        // SAFETY: fresh fd owned by us.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
     }
 
     /// An `O_PATH` fd on the entry itself (a symlink is not followed).
@@ -294,7 +373,9 @@ impl Volume {
     pub fn rmdir(&self, rel: &Path) -> io::Result<()> {
         let (base, name) = self.parent(rel)?;
         // SAFETY: valid dirfd and C string.
-        cvt(unsafe { libc::unlinkat(base.raw(), name.as_ptr(), libc::AT_REMOVEDIR) }).map(drop)
+        let r = cvt(unsafe { libc::unlinkat(base.raw(), name.as_ptr(), libc::AT_REMOVEDIR) }).map(drop);
+        self.dirs.forget(rel);
+        r
     }
 
     pub fn rename(&self, old: &Path, new: &Path, flags: u32) -> io::Result<()> {
@@ -311,7 +392,11 @@ impl Volume {
         };
         let nraw = nb.as_ref().map_or(ob.raw(), |b| b.raw());
         // SAFETY: valid dirfds and C strings.
-        cvt(unsafe { libc::renameat2(ob.raw(), on.as_ptr(), nraw, nn.as_ptr(), flags) }).map(drop)
+        let r = cvt(unsafe { libc::renameat2(ob.raw(), on.as_ptr(), nraw, nn.as_ptr(), flags) }).map(drop);
+        // Either name may have been a directory (moved, replaced or swapped).
+        self.dirs.forget(old);
+        self.dirs.forget(new);
+        r
     }
 
     pub fn readlink(&self, rel: &Path) -> io::Result<Vec<u8>> {
@@ -770,6 +855,68 @@ mod tests {
         let paths = ["d/f", "d/l", "d/p", "d", "gone", "d/gone/deeper", "d/f/notdir"].map(Path::new);
         // A FIFO opened for reading without O_NONBLOCK would hang here.
         v.sync_paths(paths).unwrap();
+    }
+
+    fn names(v: &Volume, dir: &str) -> Vec<String> {
+        let mut n: Vec<String> = v
+            .read_dir(Path::new(dir))
+            .unwrap()
+            .into_iter()
+            .map(|e| e.name.to_string_lossy().into_owned())
+            .collect();
+        n.sort();
+        n
+    }
+
+    #[test]
+    fn a_cached_parent_never_outlives_a_rename_or_rmdir_made_through_the_volume() {
+        let t = tempfile::tempdir().unwrap();
+        let v = Volume::open(Side::Primary, t.path()).unwrap();
+        let me = Owner { uid: 0, gid: 0 };
+        v.mkdir(Path::new("a"), 0o755, me).unwrap();
+        v.mkdir(Path::new("a/b"), 0o755, me).unwrap();
+        v.create(Path::new("a/b/f"), libc::O_WRONLY, 0o644, me).unwrap();
+        // "a" and "a/b" are cached now. Move "a" away and make a new one.
+        v.rename(Path::new("a"), Path::new("moved"), 0).unwrap();
+        v.mkdir(Path::new("a"), 0o755, me).unwrap();
+        v.mkdir(Path::new("a/b"), 0o755, me).unwrap();
+        v.create(Path::new("a/b/g"), libc::O_WRONLY, 0o644, me).unwrap();
+        assert_eq!(names(&v, "a/b"), ["g"]);
+        assert_eq!(names(&v, "moved/b"), ["f"]);
+        // A directory removed and made again under the same name.
+        v.unlink(Path::new("a/b/g")).unwrap();
+        v.rmdir(Path::new("a/b")).unwrap();
+        v.mkdir(Path::new("a/b"), 0o755, me).unwrap();
+        v.create(Path::new("a/b/h"), libc::O_WRONLY, 0o644, me).unwrap();
+        assert_eq!(names(&v, "a/b"), ["h"]);
+        assert!(v.lstat(Path::new("a/b/h")).is_ok());
+        // Swapped directories: each name reaches what it now names.
+        v.rename(Path::new("a"), Path::new("moved"), libc::RENAME_EXCHANGE)
+            .unwrap();
+        assert!(v.lstat(Path::new("a/b/f")).is_ok());
+        assert!(v.lstat(Path::new("moved/b/h")).is_ok());
+        // A sibling that merely shares a prefix stays cached and correct.
+        v.mkdir(Path::new("ab"), 0o755, me).unwrap();
+        v.create(Path::new("ab/x"), libc::O_WRONLY, 0o644, me).unwrap();
+        v.rename(Path::new("a/b/f"), Path::new("a/b/f2"), 0).unwrap();
+        assert!(v.lstat(Path::new("ab/x")).is_ok());
+        assert_eq!(names(&v, "a/b"), ["f2"]);
+    }
+
+    #[test]
+    fn a_directory_moved_behind_the_volume_is_walked_again_within_dir_fresh() {
+        let t = tempfile::tempdir().unwrap();
+        let v = Volume::open(Side::Primary, t.path()).unwrap();
+        fs::create_dir(t.path().join("d")).unwrap();
+        fs::write(t.path().join("d/f"), b"x").unwrap();
+        assert!(v.lstat(Path::new("d/f")).is_ok());
+        fs::rename(t.path().join("d"), t.path().join("e")).unwrap();
+        fs::create_dir(t.path().join("d")).unwrap();
+        std::thread::sleep(DIR_FRESH + Duration::from_millis(50));
+        assert_eq!(
+            v.lstat(Path::new("d/f")).unwrap_err().raw_os_error(),
+            Some(libc::ENOENT)
+        );
     }
 
     #[test]

@@ -62,9 +62,11 @@ impl<T> Drop for Sender<T> {
     fn drop(&mut self) {
         let mut g = self.shared.inner.lock().unwrap_or_else(|e| e.into_inner());
         g.senders -= 1;
-        let last = g.senders == 0;
+        // A receiver waits only while nothing is queued, and `send` woke it
+        // for what is: only the last sender leaving an empty queue wakes it.
+        let wake = g.senders == 0 && g.items.is_empty();
         drop(g);
-        if last {
+        if wake {
             self.shared.ready.notify_all();
         }
     }
