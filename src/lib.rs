@@ -3,6 +3,7 @@
 //!
 //! `main.rs` stays thin; everything here is testable as a library.
 
+pub mod changelog;
 pub mod cli;
 pub mod control;
 pub mod daemon;

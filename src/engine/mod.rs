@@ -28,6 +28,7 @@ pub mod gate;
 pub mod handoff;
 pub mod inline;
 pub mod resolve;
+pub mod shipper;
 pub mod sideio;
 
 use std::io;

@@ -1,0 +1,612 @@
+//! The shipper of asynchronous mode: applies the change log to the mirror,
+//! in order, and records on the mirror how far it has gone.
+//!
+//! Owns: the shipping thread, the mirror's position record
+//! (`.mirrorfs/shipped`) and the choice of when to write it. Knows nothing
+//! of FUSE; what the mirror is, whether it is in service, and what a failure
+//! or a divergence does are the engine's (`Mirror`).
+//!
+//! The position: the last record applied, with the identity of the log it
+//! counts in. It is written (without a sync) after every `Rename` or `Link`
+//! and every `BATCH` records, so that after the daemon is killed, shipping
+//! resumes at most a batch back, and never replays a move twice (see
+//! `changelog`). At a checkpoint (`CHECKPOINT` after the last, at an fsync
+//! barrier or when the log is drained) the mirror's filesystem is synced,
+//! the position with it, and the log's segments before it are removed.
+//!
+//! A failure of the mirror (a side-failure errno) stops shipping at the
+//! record that failed: the engine takes the mirror down, and shipping
+//! starts again from the position when it is back. A call that hangs holds
+//! only this thread: `busy_for` tells the engine's watchdog how long.
+
+use std::io;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::changelog::{Change, Log, Record};
+use crate::health::is_side_failure;
+use crate::volume::{self, META_DIR, Owner, Volume};
+
+/// The position record, in the mirror's metadata directory.
+pub const POSITION: &str = "shipped";
+
+/// Records applied between two writes of the position.
+const BATCH: u64 = 256;
+
+/// The longest time between two checkpoints while records are applied.
+const CHECKPOINT: Duration = Duration::from_secs(1);
+
+/// How long the idle shipper sleeps before looking at the mirror again
+/// (records appended wake it at once).
+const IDLE: Duration = Duration::from_millis(200);
+
+const MAGIC: &[u8; 8] = b"mfsship1";
+
+/// Where the mirror stands in a log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Position {
+    pub log_id: u64,
+    pub seq: u64,
+}
+
+impl Position {
+    fn encode(self) -> [u8; 32] {
+        let mut b = [0u8; 32];
+        b[..8].copy_from_slice(MAGIC);
+        b[8..16].copy_from_slice(&self.log_id.to_le_bytes());
+        b[16..24].copy_from_slice(&self.seq.to_le_bytes());
+        let sum = xxh3_64(&b[..24]);
+        b[24..].copy_from_slice(&sum.to_le_bytes());
+        b
+    }
+
+    fn decode(b: &[u8]) -> Option<Position> {
+        if b.len() != 32 || &b[..8] != MAGIC || xxh3_64(&b[..24]).to_le_bytes() != b[24..32] {
+            return None;
+        }
+        Some(Position {
+            log_id: u64::from_le_bytes(b[8..16].try_into().ok()?),
+            seq: u64::from_le_bytes(b[16..24].try_into().ok()?),
+        })
+    }
+}
+
+fn position_path() -> PathBuf {
+    Path::new(META_DIR).join(POSITION)
+}
+
+/// The mirror's position, if it has one that is whole.
+pub fn read_position(v: &Volume) -> io::Result<Option<Position>> {
+    let fd = match v.open_file(&position_path(), libc::O_RDONLY) {
+        Ok(fd) => fd,
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut b = [0u8; 32];
+    let n = volume::pread(fd.as_fd(), &mut b, 0)?;
+    Ok(Position::decode(&b[..n]))
+}
+
+/// Writes the mirror's position in place (32 bytes at offset 0, never torn
+/// across a page), and makes it durable if asked.
+pub fn write_position(v: &Volume, pos: Position, durable: bool) -> io::Result<()> {
+    let path = position_path();
+    let fd = match v.open_file(&path, libc::O_WRONLY) {
+        Ok(fd) => fd,
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+            v.create(&path, libc::O_WRONLY, 0o600, Owner { uid: 0, gid: 0 })?.0
+        }
+        Err(e) => return Err(e),
+    };
+    volume::pwrite_all(fd.as_fd(), &pos.encode(), 0)?;
+    if durable {
+        volume::fsync(fd.as_fd(), true)?;
+    }
+    Ok(())
+}
+
+/// What the shipper needs of the engine.
+pub trait Mirror: Send + Sync + 'static {
+    /// The mirror, while it is in service.
+    fn volume(&self) -> Option<Arc<Volume>>;
+    /// Applying `op` failed with a side failure: take the mirror down.
+    fn failed(&self, op: &'static str, errno: i32, path: &Path);
+    /// Applying `op` failed with an ordinary error: the mirror's tree is not
+    /// what the primary's was; `path` must be resynced.
+    fn diverged(&self, op: &'static str, errno: i32, path: &Path);
+}
+
+/// The state shared between the shipping thread and the engine.
+struct Shared {
+    log: Arc<Log>,
+    log_id: u64,
+    stop: AtomicBool,
+    /// When the call in progress on the mirror started (ns on `epoch`,
+    /// plus one), or 0.
+    busy_since: AtomicU64,
+    epoch: Instant,
+    /// The last record applied, and the last one durable on the mirror.
+    applied: AtomicU64,
+    durable: AtomicU64,
+    /// Records applied since the shipper started (for tests and status).
+    shipped: AtomicU64,
+}
+
+/// The shipping thread.
+pub struct Shipper {
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Shipper {
+    /// Starts shipping `log` (identified by `log_id`) to the mirror from
+    /// `from` (the mirror's position, or 0).
+    pub fn start(log: Arc<Log>, log_id: u64, from: u64, mirror: Arc<dyn Mirror>) -> io::Result<Shipper> {
+        let shared = Arc::new(Shared {
+            log,
+            log_id,
+            stop: AtomicBool::new(false),
+            busy_since: AtomicU64::new(0),
+            epoch: Instant::now(),
+            applied: AtomicU64::new(from),
+            durable: AtomicU64::new(from),
+            shipped: AtomicU64::new(0),
+        });
+        let s = shared.clone();
+        let thread = thread::Builder::new()
+            .name("shipper".into())
+            .spawn(move || ship(&s, &*mirror))?;
+        Ok(Shipper {
+            shared,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// The last record applied to the mirror.
+    pub fn applied(&self) -> u64 {
+        self.shared.applied.load(Ordering::Acquire)
+    }
+
+    /// Records applied since the shipper started.
+    pub fn shipped(&self) -> u64 {
+        self.shared.shipped.load(Ordering::Relaxed)
+    }
+
+    /// How long the call in progress on the mirror has run, if one is.
+    pub fn busy_for(&self) -> Option<Duration> {
+        match self.shared.busy_since.load(Ordering::Acquire) {
+            0 => None,
+            since => Some(
+                self.shared
+                    .epoch
+                    .elapsed()
+                    .saturating_sub(Duration::from_nanos(since - 1)),
+            ),
+        }
+    }
+
+    /// Stops the thread once its call in progress returns, and waits for
+    /// it at most `wait`; true if it has ended.
+    pub fn stop(&self, wait: Duration) -> bool {
+        self.shared.stop.store(true, Ordering::Release);
+        let deadline = Instant::now() + wait;
+        let mut slot = self.thread.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some(t) = slot.as_ref() {
+            if t.is_finished() {
+                if let Some(t) = slot.take() {
+                    let _ = t.join();
+                }
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        true
+    }
+}
+
+impl Drop for Shipper {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+    }
+}
+
+/// The path a failure of `c` is reported against.
+fn subject(c: &Change) -> &Path {
+    match c {
+        Change::Write { path, .. }
+        | Change::Truncate { path, .. }
+        | Change::Create { path, .. }
+        | Change::Mkdir { path, .. }
+        | Change::Mknod { path, .. }
+        | Change::Symlink { path, .. }
+        | Change::Unlink { path }
+        | Change::Rmdir { path }
+        | Change::Chmod { path, .. }
+        | Change::Chown { path, .. }
+        | Change::Times { path, .. }
+        | Change::SetXattr { path, .. }
+        | Change::RemoveXattr { path, .. }
+        | Change::Fallocate { path, .. }
+        | Change::Fsync { path, .. } => path,
+        Change::Link { new, .. } => new,
+        Change::Rename { old, .. } => old,
+    }
+}
+
+fn op_name(c: &Change) -> &'static str {
+    match c {
+        Change::Write { .. } => "write",
+        Change::Truncate { .. } => "truncate",
+        Change::Create { .. } => "create",
+        Change::Mkdir { .. } => "mkdir",
+        Change::Mknod { .. } => "mknod",
+        Change::Symlink { .. } => "symlink",
+        Change::Link { .. } => "link",
+        Change::Unlink { .. } => "unlink",
+        Change::Rmdir { .. } => "rmdir",
+        Change::Rename { .. } => "rename",
+        Change::Chmod { .. } => "chmod",
+        Change::Chown { .. } => "chown",
+        Change::Times { .. } => "utimens",
+        Change::SetXattr { .. } => "setxattr",
+        Change::RemoveXattr { .. } => "removexattr",
+        Change::Fallocate { .. } => "fallocate",
+        Change::Fsync { .. } => "fsync",
+    }
+}
+
+/// The shipping loop.
+fn ship(s: &Shared, mirror: &dyn Mirror) {
+    // The first record after the position may be on the mirror already.
+    let mut again = true;
+    let mut reader = s.log.reader(s.applied.load(Ordering::Acquire));
+    let mut written = reader.position();
+    let mut checkpoint = Instant::now();
+    while !s.stop.load(Ordering::Acquire) {
+        let Some(v) = mirror.volume() else {
+            // Out of service: start again from the position when it is back.
+            s.log.wait_after(u64::MAX - 1, IDLE);
+            reader = s.log.reader(s.applied.load(Ordering::Acquire));
+            again = true;
+            continue;
+        };
+        let record = match reader.read_next() {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                // Drained: make it all durable, then sleep until more comes.
+                let at = reader.position();
+                if s.durable.load(Ordering::Acquire) < at && !checkpoint_at(s, mirror, &v, at) {
+                    continue;
+                }
+                s.log.wait_after(at, IDLE);
+                continue;
+            }
+            Err(e) => {
+                log::error!("the change log cannot be read: {e}");
+                s.log.wait_after(u64::MAX - 1, IDLE);
+                reader = s.log.reader(s.applied.load(Ordering::Acquire));
+                continue;
+            }
+        };
+        if !apply(s, mirror, &v, &record, again) {
+            // The mirror failed: shipping resumes from the position.
+            reader = s.log.reader(s.applied.load(Ordering::Acquire));
+            again = true;
+            continue;
+        }
+        again = false;
+        let seq = record.seq;
+        let due = !record.change.replays_safely() || seq - written >= BATCH;
+        let barrier = matches!(record.change, Change::Fsync { .. });
+        if barrier && checkpoint.elapsed() >= CHECKPOINT {
+            if checkpoint_at(s, mirror, &v, seq) {
+                written = seq;
+                checkpoint = Instant::now();
+            }
+        } else if due {
+            match write_position(&v, Position { log_id: s.log_id, seq }, false) {
+                Ok(()) => written = seq,
+                Err(e) => report(mirror, "position", &e, &position_path()),
+            }
+        }
+    }
+}
+
+/// Applies one record under the watchdog's eye; false if the mirror failed.
+fn apply(s: &Shared, mirror: &dyn Mirror, v: &Volume, r: &Record, again: bool) -> bool {
+    s.busy_since
+        .store(s.epoch.elapsed().as_nanos() as u64 + 1, Ordering::Release);
+    let res = r.change.apply(v, again);
+    s.busy_since.store(0, Ordering::Release);
+    if s.stop.load(Ordering::Acquire) {
+        // Replaced while this call hung: what it did is the new shipper's
+        // to redo; nothing more is recorded here.
+        return false;
+    }
+    match res {
+        Ok(()) => {}
+        Err(e) => {
+            let errno = e.raw_os_error().unwrap_or(libc::EIO);
+            if is_side_failure(errno) {
+                mirror.failed(op_name(&r.change), errno, subject(&r.change));
+                return false;
+            }
+            // The mirror's tree is not the primary's at this point: the
+            // path is resynced, and shipping goes on.
+            mirror.diverged(op_name(&r.change), errno, subject(&r.change));
+        }
+    }
+    s.applied.store(r.seq, Ordering::Release);
+    s.shipped.fetch_add(1, Ordering::Relaxed);
+    s.log.applied(r.seq);
+    true
+}
+
+/// Makes everything applied up to `seq` durable on the mirror, records the
+/// position durably, and drops the log's segments before it.
+fn checkpoint_at(s: &Shared, mirror: &dyn Mirror, v: &Volume, seq: u64) -> bool {
+    let r = v
+        .syncfs()
+        .and_then(|()| write_position(v, Position { log_id: s.log_id, seq }, true));
+    if let Err(e) = r {
+        report(mirror, "checkpoint", &e, &position_path());
+        return false;
+    }
+    s.durable.store(seq, Ordering::Release);
+    if let Err(e) = s.log.drop_through(seq) {
+        log::warn!("cannot remove the change log's applied segments: {e}");
+    }
+    true
+}
+
+fn report(mirror: &dyn Mirror, op: &'static str, e: &io::Error, path: &Path) {
+    let errno = e.raw_os_error().unwrap_or(libc::EIO);
+    if is_side_failure(errno) {
+        mirror.failed(op, errno, path);
+    } else {
+        log::warn!("side=mirror op={op} cannot record the shipping position: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::changelog::DIR;
+    use crate::spec::Side;
+    use std::fs;
+    use std::sync::RwLock;
+
+    struct TestMirror {
+        vol: RwLock<Option<Arc<Volume>>>,
+        failures: Mutex<Vec<(String, i32)>>,
+        divergences: Mutex<Vec<String>>,
+    }
+
+    impl Mirror for TestMirror {
+        fn volume(&self) -> Option<Arc<Volume>> {
+            self.vol.read().unwrap().clone()
+        }
+        fn failed(&self, op: &'static str, errno: i32, _path: &Path) {
+            self.failures.lock().unwrap().push((op.to_string(), errno));
+            *self.vol.write().unwrap() = None;
+        }
+        fn diverged(&self, op: &'static str, _errno: i32, path: &Path) {
+            self.divergences
+                .lock()
+                .unwrap()
+                .push(format!("{op} {}", path.display()));
+        }
+    }
+
+    struct Pair {
+        _dirs: [tempfile::TempDir; 2],
+        primary: PathBuf,
+        mirror: PathBuf,
+    }
+
+    fn pair() -> Pair {
+        let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+        for d in &dirs {
+            fs::create_dir(d.path().join(META_DIR)).unwrap();
+        }
+        Pair {
+            primary: dirs[0].path().to_path_buf(),
+            mirror: dirs[1].path().to_path_buf(),
+            _dirs: dirs,
+        }
+    }
+
+    fn test_mirror(root: &Path) -> Arc<TestMirror> {
+        Arc::new(TestMirror {
+            vol: RwLock::new(Some(Arc::new(Volume::open(Side::Mirror, root).unwrap()))),
+            failures: Mutex::new(Vec::new()),
+            divergences: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn owner() -> Owner {
+        // SAFETY: geteuid and getegid have no failure mode.
+        Owner {
+            uid: unsafe { libc::geteuid() },
+            gid: unsafe { libc::getegid() },
+        }
+    }
+
+    #[test]
+    fn ships_in_order_records_its_position_and_drains_to_a_durable_checkpoint() {
+        let p = pair();
+        let log = Arc::new(Log::open(&p.primary.join(META_DIR).join(DIR), 0).unwrap());
+        let m = test_mirror(&p.mirror);
+        let shipper = Shipper::start(log.clone(), 7, 0, m.clone()).unwrap();
+        log.append(Change::Create {
+            path: "f".into(),
+            mode: 0o644,
+            owner: owner(),
+        })
+        .unwrap();
+        for i in 0..1000u64 {
+            log.append(Change::Write {
+                path: "f".into(),
+                offset: i * 4,
+                data: (i as u32).to_le_bytes().to_vec(),
+            })
+            .unwrap();
+        }
+        let last = log
+            .append(Change::Rename {
+                old: "f".into(),
+                new: "g".into(),
+                flags: 0,
+            })
+            .unwrap();
+        wait_for("the log to drain", || shipper.applied() == last && log.lag().ops == 0);
+        let data = fs::read(p.mirror.join("g")).unwrap();
+        assert_eq!(data.len(), 4000);
+        for i in 0..1000u32 {
+            assert_eq!(data[i as usize * 4..][..4], i.to_le_bytes());
+        }
+        let v = Volume::open(Side::Mirror, &p.mirror).unwrap();
+        wait_for("the checkpoint", || {
+            read_position(&v).unwrap() == Some(Position { log_id: 7, seq: last })
+        });
+        assert!(m.failures.lock().unwrap().is_empty());
+        assert!(m.divergences.lock().unwrap().is_empty());
+        assert!(shipper.stop(Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn restarted_from_its_position_it_resends_at_most_a_batch() {
+        let p = pair();
+        let log = Arc::new(Log::open(&p.primary.join(META_DIR).join(DIR), 0).unwrap());
+        log.append(Change::Create {
+            path: "f".into(),
+            mode: 0o644,
+            owner: owner(),
+        })
+        .unwrap();
+        for i in 0..2000u64 {
+            log.append(Change::Write {
+                path: "f".into(),
+                offset: i,
+                data: vec![1],
+            })
+            .unwrap();
+        }
+        let m = test_mirror(&p.mirror);
+        let v = Volume::open(Side::Mirror, &p.mirror).unwrap();
+        let shipper = Shipper::start(log.clone(), 1, 0, m.clone()).unwrap();
+        wait_for("the first run", || shipper.applied() == 2001);
+        // Stopped as if killed: the position on the mirror is what counts.
+        assert!(shipper.stop(Duration::from_secs(5)));
+        let pos = read_position(&v).unwrap().expect("a position");
+        assert!(
+            2001 - pos.seq <= BATCH,
+            "position {} is more than a batch back",
+            pos.seq
+        );
+        for i in 2000..2100u64 {
+            log.append(Change::Write {
+                path: "f".into(),
+                offset: i,
+                data: vec![2],
+            })
+            .unwrap();
+        }
+        let again = Shipper::start(log.clone(), 1, pos.seq, m.clone()).unwrap();
+        wait_for("the second run", || again.applied() == 2101);
+        assert!(again.shipped() <= BATCH + 100, "re-sent {} records", again.shipped());
+        let data = fs::read(p.mirror.join("f")).unwrap();
+        assert_eq!(data.len(), 2100);
+        assert!(data[..2000].iter().all(|b| *b == 1) && data[2000..].iter().all(|b| *b == 2));
+        assert!(again.stop(Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn a_side_failure_stops_at_the_record_and_shipping_resumes_when_the_mirror_is_back() {
+        let p = pair();
+        let log = Arc::new(Log::open(&p.primary.join(META_DIR).join(DIR), 0).unwrap());
+        let m = test_mirror(&p.mirror);
+        let shipper = Shipper::start(log.clone(), 1, 0, m.clone()).unwrap();
+        log.append(Change::Mkdir {
+            path: "d".into(),
+            mode: 0o755,
+            owner: owner(),
+        })
+        .unwrap();
+        wait_for("the mkdir", || shipper.applied() == 1);
+        // The mirror goes out of service (as the engine takes it down on a
+        // side failure; real failures are the integration tests' part).
+        *m.vol.write().unwrap() = None;
+        log.append(Change::Create {
+            path: "d/f".into(),
+            mode: 0o644,
+            owner: owner(),
+        })
+        .unwrap();
+        log.append(Change::Write {
+            path: "d/f".into(),
+            offset: 0,
+            data: b"late".to_vec(),
+        })
+        .unwrap();
+        thread::sleep(Duration::from_millis(100));
+        assert_eq!(shipper.applied(), 1);
+        assert_eq!(log.lag().ops, 2);
+        *m.vol.write().unwrap() = Some(Arc::new(Volume::open(Side::Mirror, &p.mirror).unwrap()));
+        wait_for("the catch-up", || shipper.applied() == 3);
+        assert_eq!(fs::read(p.mirror.join("d/f")).unwrap(), b"late");
+        assert!(shipper.stop(Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn an_ordinary_error_is_a_divergence_and_shipping_goes_on() {
+        let p = pair();
+        let log = Arc::new(Log::open(&p.primary.join(META_DIR).join(DIR), 0).unwrap());
+        let m = test_mirror(&p.mirror);
+        let shipper = Shipper::start(log.clone(), 1, 0, m.clone()).unwrap();
+        // The mirror lacks the file the write is for.
+        log.append(Change::Write {
+            path: "missing".into(),
+            offset: 0,
+            data: b"x".to_vec(),
+        })
+        .unwrap();
+        log.append(Change::Mkdir {
+            path: "after".into(),
+            mode: 0o755,
+            owner: owner(),
+        })
+        .unwrap();
+        wait_for("both records", || shipper.applied() == 2);
+        assert!(p.mirror.join("after").is_dir());
+        assert_eq!(*m.divergences.lock().unwrap(), ["write missing"]);
+        assert!(shipper.stop(Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn the_position_record_refuses_a_torn_or_foreign_file() {
+        let pos = Position { log_id: 3, seq: 99 };
+        assert_eq!(Position::decode(&pos.encode()), Some(pos));
+        let mut bad = pos.encode();
+        bad[20] ^= 1;
+        assert_eq!(Position::decode(&bad), None);
+        assert_eq!(Position::decode(&pos.encode()[..31]), None);
+    }
+}
