@@ -36,7 +36,7 @@ use std::collections::VecDeque;
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -49,6 +49,9 @@ use crate::volume::{self, Owner, SetTime, Volume};
 
 /// The change log's directory, inside the primary's metadata directory.
 pub const DIR: &str = "changelog";
+
+/// The file holding the log's identity, in its directory.
+const ID: &str = "id";
 
 /// A segment is closed and a new one started past this size, so that what
 /// the mirror has applied can be removed a segment at a time.
@@ -185,6 +188,23 @@ impl Change {
         matches!(
             self,
             Change::Rename { .. } | Change::Unlink { .. } | Change::Rmdir { .. } | Change::Create { .. }
+        )
+    }
+
+    /// True for the kinds that leave every name where it was, and every
+    /// file open through it the same file.
+    fn keeps_names(&self) -> bool {
+        matches!(
+            self,
+            Change::Write { .. }
+                | Change::Truncate { .. }
+                | Change::Fallocate { .. }
+                | Change::Fsync { .. }
+                | Change::Chmod { .. }
+                | Change::Chown { .. }
+                | Change::Times { .. }
+                | Change::SetXattr { .. }
+                | Change::RemoveXattr { .. }
         )
     }
 
@@ -396,12 +416,19 @@ impl Change {
     /// `v` (the first record replayed after a restart); a `Rename` or
     /// `Link` whose effect is there already is then not made twice.
     pub fn apply(&self, v: &Volume, again: bool) -> io::Result<()> {
+        self.apply_with(v, again, &mut KeptFiles::default())
+    }
+
+    /// `apply`, with the regular files that data records reach kept open
+    /// in `files` from one record to the next (on a network mirror an open
+    /// and a close are two round trips per write otherwise).
+    pub fn apply_with(&self, v: &Volume, again: bool, files: &mut KeptFiles) -> io::Result<()> {
+        if self.moves_names() || !self.keeps_names() {
+            files.clear();
+        }
         match self {
-            Change::Write { path, offset, data } => {
-                let fd = v.open_file(path, libc::O_WRONLY)?;
-                volume::pwrite_all(fd.as_fd(), data, *offset).map(drop)
-            }
-            Change::Truncate { path, size } => v.truncate(path, *size),
+            Change::Write { path, offset, data } => volume::pwrite_all(files.get(v, path)?, data, *offset).map(drop),
+            Change::Truncate { path, size } => volume::ftruncate(files.get(v, path)?, *size),
             Change::Create { path, mode, owner } => {
                 match v.create(path, libc::O_WRONLY | libc::O_EXCL, *mode, *owner) {
                     Ok(_) => Ok(()),
@@ -474,12 +501,50 @@ impl Change {
                 mode,
                 offset,
                 len,
-            } => {
-                let fd = v.open_file(path, libc::O_WRONLY)?;
-                volume::fallocate(fd.as_fd(), *mode, *offset, *len)
-            }
-            Change::Fsync { path, datasync } => absent_ok(v.fsync_path(path, *datasync)),
+            } => volume::fallocate(files.get(v, path)?, *mode, *offset, *len),
+            Change::Fsync { path, datasync } => match files.kept(path) {
+                Some(fd) => volume::fsync(fd, *datasync),
+                // A directory, or a file no data record has reached.
+                None => absent_ok(v.fsync_path(path, *datasync)),
+            },
         }
+    }
+}
+
+/// How many files a replayer keeps open.
+const KEPT_FILES: usize = 16;
+
+/// Regular files kept open by a replayer between records, by path. Any
+/// record that may move or replace a name empties it (`Change::apply_with`);
+/// so does the owner when the volume is replaced.
+#[derive(Default)]
+pub struct KeptFiles {
+    files: VecDeque<(PathBuf, OwnedFd)>,
+}
+
+impl KeptFiles {
+    fn kept(&self, path: &Path) -> Option<BorrowedFd<'_>> {
+        self.files.iter().find(|(p, _)| p == path).map(|(_, fd)| fd.as_fd())
+    }
+
+    /// The kept file at `path`, opened for writing if it is not kept yet.
+    fn get(&mut self, v: &Volume, path: &Path) -> io::Result<BorrowedFd<'_>> {
+        let i = match self.files.iter().position(|(p, _)| p == path) {
+            Some(i) => i,
+            None => {
+                let fd = v.open_file(path, libc::O_WRONLY)?;
+                if self.files.len() >= KEPT_FILES {
+                    self.files.pop_front();
+                }
+                self.files.push_back((path.to_path_buf(), fd));
+                self.files.len() - 1
+            }
+        };
+        Ok(self.files[i].1.as_fd())
+    }
+
+    pub fn clear(&mut self) {
+        self.files.clear();
     }
 }
 
@@ -681,6 +746,9 @@ pub struct Lag {
 /// The change log of a primary.
 pub struct Log {
     dir: PathBuf,
+    /// Chosen at random when the log is made: a position on the mirror
+    /// counts in one log only.
+    id: u64,
     tail: Mutex<Tail>,
     synced: Condvar,
     /// Notified on each append, for a reader waiting at the end.
@@ -707,13 +775,26 @@ impl Log {
             None => (applied + 1, applied, 0),
         };
         let file = Self::open_segment(dir, segment)?;
-        let now = now_ns();
+        let id = Self::identity(dir)?;
+        // What the mirror lacks from before: its age (the first record's
+        // time) and size (from that record to the end).
         let mut times = VecDeque::new();
+        let mut bytes = 0;
         if last > applied {
-            times.push_back((applied + 1, now, 0));
+            let mut r = Reader::new(dir, applied);
+            if let Some(first) = r.read_next()? {
+                let sizes: u64 = segments(dir)?
+                    .into_iter()
+                    .filter(|f| *f >= r.segment)
+                    .map(|f| fs::metadata(dir.join(segment_name(f))).map_or(0, |m| m.len()))
+                    .sum();
+                bytes = sizes.saturating_sub(r.started);
+                times.push_back((first.seq, first.time_ns, 0));
+            }
         }
         Ok(Log {
             dir: dir.to_path_buf(),
+            id,
             tail: Mutex::new(Tail {
                 file: Arc::new(file),
                 segment,
@@ -721,13 +802,44 @@ impl Log {
                 last,
                 synced: last,
                 syncing: false,
-                bytes: 0,
+                bytes,
                 times,
                 applied: applied.min(last),
             }),
             synced: Condvar::new(),
             appended: Condvar::new(),
         })
+    }
+
+    /// The log's identity, made (durably) the first time.
+    fn identity(dir: &Path) -> io::Result<u64> {
+        let path = dir.join(ID);
+        match fs::read_to_string(&path) {
+            Ok(s) => u64::from_str_radix(s.trim(), 16).map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{} is not a log id", path.display()),
+                )
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let mut b = [0u8; 8];
+                File::open("/dev/urandom")?.read_exact(&mut b)?;
+                let id = u64::from_le_bytes(b).max(1);
+                let tmp = dir.join(format!("{ID}.tmp"));
+                let mut f = File::create(&tmp)?;
+                writeln!(f, "{id:016x}")?;
+                f.sync_all()?;
+                fs::rename(&tmp, &path)?;
+                File::open(dir)?.sync_all()?;
+                Ok(id)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The log's identity.
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     fn open_segment(dir: &Path, first: u64) -> io::Result<File> {
@@ -881,13 +993,7 @@ impl Log {
 
     /// A reader of the records after `seq`.
     pub fn reader(&self, seq: u64) -> Reader {
-        Reader {
-            dir: self.dir.clone(),
-            after: seq,
-            file: None,
-            offset: 0,
-            buf: Vec::new(),
-        }
+        Reader::new(&self.dir, seq)
     }
 }
 
@@ -897,13 +1003,28 @@ pub struct Reader {
     dir: PathBuf,
     /// The last record returned (or the point to start after).
     after: u64,
-    /// The segment being read, from `offset`.
+    /// The segment being read (its first record), from `offset`.
     file: Option<File>,
+    segment: u64,
     offset: u64,
+    /// Where the record after the starting point begins in `segment`.
+    started: u64,
     buf: Vec<u8>,
 }
 
 impl Reader {
+    fn new(dir: &Path, after: u64) -> Reader {
+        Reader {
+            dir: dir.to_path_buf(),
+            after,
+            file: None,
+            segment: 0,
+            offset: 0,
+            started: 0,
+            buf: Vec::new(),
+        }
+    }
+
     /// The last record returned.
     pub fn position(&self) -> u64 {
         self.after
@@ -938,7 +1059,9 @@ impl Reader {
             offset += 4 + len;
         }
         self.file = Some(f);
+        self.segment = first;
         self.offset = offset;
+        self.started = offset;
         Ok(())
     }
 
@@ -1134,10 +1257,15 @@ mod tests {
         assert_eq!(r.read_next().unwrap().map(|r| r.seq), Some(71));
         // Reopened: appends go on after the last record; a reader can
         // start in the middle.
+        let id = log.id();
         drop(log);
         let log = Log::open(&dir, 69).unwrap();
+        assert_eq!(log.id(), id, "a log keeps its identity");
         assert_eq!(log.last(), 71);
-        assert_eq!(log.lag().ops, 2);
+        let lag = log.lag();
+        assert_eq!(lag.ops, 2);
+        // Record 70 (1 MiB of data) and 71, from before the reopening.
+        assert!(lag.bytes > 1 << 20 && lag.bytes < (1 << 20) + 4096, "{lag:?}");
         assert_eq!(log.append(Change::Rmdir { path: p("d") }).unwrap(), 72);
         let mut r = log.reader(69);
         let seqs: Vec<u64> = std::iter::from_fn(|| r.read_next().unwrap()).map(|r| r.seq).collect();
@@ -1279,21 +1407,32 @@ mod tests {
                 offset: 4,
                 data: b"C".to_vec(),
             },
-            Change::Unlink { path: p("d/f") },
-            Change::Create {
-                path: p("d/f"),
-                mode: 0o644,
-                owner: me,
-            },
             Change::Fsync {
                 path: p("d/f"),
                 datasync: false,
             },
+            Change::Create {
+                path: p("d/h"),
+                mode: 0o644,
+                owner: me,
+            },
+            Change::Write {
+                path: p("d/h"),
+                offset: 0,
+                data: b"Z".to_vec(),
+            },
+            Change::Unlink { path: p("d/h") },
+            Change::Create {
+                path: p("d/h"),
+                mode: 0o644,
+                owner: me,
+            },
         ];
         let once = tempfile::tempdir().unwrap();
         let v = Volume::open(crate::spec::Side::Mirror, once.path()).unwrap();
+        let mut files = KeptFiles::default();
         for c in &changes {
-            c.apply(&v, false).unwrap();
+            c.apply_with(&v, false, &mut files).unwrap();
         }
         let want = tree(once.path());
         // A crash after record `done`: the position says `from` (the last
@@ -1303,11 +1442,14 @@ mod tests {
             let from = if done > rename { rename + 1 } else { 0 };
             let t = tempfile::tempdir().unwrap();
             let v = Volume::open(crate::spec::Side::Mirror, t.path()).unwrap();
+            let mut files = KeptFiles::default();
             for c in &changes[..=done] {
-                c.apply(&v, false).unwrap();
+                c.apply_with(&v, false, &mut files).unwrap();
             }
+            // Restarted: nothing is kept open.
+            let mut files = KeptFiles::default();
             for (i, c) in changes.iter().enumerate().skip(from) {
-                c.apply(&v, i == from).unwrap();
+                c.apply_with(&v, i == from, &mut files).unwrap();
             }
             assert_eq!(tree(t.path()), want, "crash after record {done}, replay from {from}");
         }

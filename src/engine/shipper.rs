@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use xxhash_rust::xxh3::xxh3_64;
 
-use crate::changelog::{Change, Log, Record};
+use crate::changelog::{Change, KeptFiles, Log, Record};
 use crate::health::is_side_failure;
 use crate::volume::{self, META_DIR, Owner, Volume};
 
@@ -271,14 +271,23 @@ fn ship(s: &Shared, mirror: &dyn Mirror) {
     let mut reader = s.log.reader(s.applied.load(Ordering::Acquire));
     let mut written = reader.position();
     let mut checkpoint = Instant::now();
+    let mut files = KeptFiles::default();
+    let mut current: Option<Arc<Volume>> = None;
     while !s.stop.load(Ordering::Acquire) {
         let Some(v) = mirror.volume() else {
             // Out of service: start again from the position when it is back.
+            files.clear();
             s.log.wait_after(u64::MAX - 1, IDLE);
             reader = s.log.reader(s.applied.load(Ordering::Acquire));
             again = true;
             continue;
         };
+        if !current.as_ref().is_some_and(|c| Arc::ptr_eq(c, &v)) {
+            // A new root (a returning side is a new mount): files kept
+            // open are on the old one.
+            files.clear();
+            current = Some(v.clone());
+        }
         let record = match reader.read_next() {
             Ok(Some(r)) => r,
             Ok(None) => {
@@ -297,7 +306,7 @@ fn ship(s: &Shared, mirror: &dyn Mirror) {
                 continue;
             }
         };
-        if !apply(s, mirror, &v, &record, again) {
+        if !apply(s, mirror, &v, &record, again, &mut files) {
             // The mirror failed: shipping resumes from the position.
             reader = s.log.reader(s.applied.load(Ordering::Acquire));
             again = true;
@@ -322,10 +331,10 @@ fn ship(s: &Shared, mirror: &dyn Mirror) {
 }
 
 /// Applies one record under the watchdog's eye; false if the mirror failed.
-fn apply(s: &Shared, mirror: &dyn Mirror, v: &Volume, r: &Record, again: bool) -> bool {
+fn apply(s: &Shared, mirror: &dyn Mirror, v: &Volume, r: &Record, again: bool, files: &mut KeptFiles) -> bool {
     s.busy_since
         .store(s.epoch.elapsed().as_nanos() as u64 + 1, Ordering::Release);
-    let res = r.change.apply(v, again);
+    let res = r.change.apply_with(v, again, files);
     s.busy_since.store(0, Ordering::Release);
     if s.stop.load(Ordering::Acquire) {
         // Replaced while this call hung: what it did is the new shipper's
@@ -337,6 +346,7 @@ fn apply(s: &Shared, mirror: &dyn Mirror, v: &Volume, r: &Record, again: bool) -
         Err(e) => {
             let errno = e.raw_os_error().unwrap_or(libc::EIO);
             if is_side_failure(errno) {
+                files.clear();
                 mirror.failed(op_name(&r.change), errno, subject(&r.change));
                 return false;
             }
