@@ -760,7 +760,7 @@ impl Log {
     /// of the last segment is cut off; appends go on after the last whole
     /// record. `applied`: the last record the mirror is known to have.
     pub fn open(dir: &Path, applied: u64) -> io::Result<Log> {
-        fs::create_dir_all(dir)?;
+        std::os::unix::fs::DirBuilderExt::mode(fs::DirBuilder::new().recursive(true), 0o700).create(dir)?;
         let firsts = segments(dir)?;
         let (segment, last, length) = match firsts.last() {
             Some(&first) => {
@@ -826,7 +826,12 @@ impl Log {
                 File::open("/dev/urandom")?.read_exact(&mut b)?;
                 let id = u64::from_le_bytes(b).max(1);
                 let tmp = dir.join(format!("{ID}.tmp"));
-                let mut f = File::create(&tmp)?;
+                let mut f = OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&tmp)?;
                 writeln!(f, "{id:016x}")?;
                 f.sync_all()?;
                 fs::rename(&tmp, &path)?;

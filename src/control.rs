@@ -107,6 +107,24 @@ pub struct Status {
     /// "/dev/fuse".
     #[serde(default)]
     pub transport: String,
+    /// "sync" or "async".
+    #[serde(default)]
+    pub mode: String,
+    /// Async mode: how far the mirror is behind (the oldest change it
+    /// lacks, and the bytes and operations it lacks).
+    #[serde(default)]
+    pub lag_seconds: f64,
+    #[serde(default)]
+    pub lag_bytes: u64,
+    #[serde(default)]
+    pub lag_ops: u64,
+    /// Async mode: the primary failed with this many changes not yet on
+    /// the mirror, and nothing is served.
+    #[serde(default)]
+    pub lost_ops: u64,
+    /// Then: the time (UTC) of the primary's state that the mirror holds.
+    #[serde(default)]
+    pub mirror_as_of: Option<String>,
 }
 
 impl Status {
@@ -130,6 +148,17 @@ impl Status {
         line(w, "state", &self.state);
         let down: Vec<&SideStatus> = self.sides.iter().filter(|s| s.state != "UP").collect();
         let (status, action) = match down.first() {
+            _ if self.lost_ops > 0 => (
+                format!(
+                    "The primary failed with {} change(s) not yet on the mirror; nothing is served (EIO), because serving the mirror would roll files back under a running database. The mirror holds the primary's state as of {}.",
+                    self.lost_ops,
+                    self.mirror_as_of.as_deref().unwrap_or("an unknown time")
+                ),
+                Some(
+                    "Bring the primary back and remount, or start the database on the mirror's directory, which recovers as from a crash (see README \"Recovery\")."
+                        .to_string(),
+                ),
+            ),
             _ if self.state == "SPLIT" => (
                 "Both sides took changes the other lacks (split brain); nothing is served and nothing is written."
                     .to_string(),
@@ -144,6 +173,10 @@ impl Status {
                     s.side,
                     s.side.other()
                 ),
+                None,
+            ),
+            None if self.mode == "async" => (
+                "Both sides are in service; the mirror follows the primary from the change log (async).".to_string(),
                 None,
             ),
             None => (
@@ -181,6 +214,17 @@ impl Status {
         line(w, "pid", &self.pid.to_string());
         if !self.transport.is_empty() {
             line(w, "requests", &format!("through {}", self.transport));
+        }
+        if self.mode == "async" {
+            line(w, "mode", "async");
+            line(
+                w,
+                "lag",
+                &format!(
+                    "{:.3} s, {} bytes, {} operations",
+                    self.lag_seconds, self.lag_bytes, self.lag_ops
+                ),
+            );
         }
         if !self.options.is_empty() {
             line(w, "options", &self.options);
@@ -323,6 +367,8 @@ impl Control {
             })
             .collect();
         let resync = self.catchup.as_ref().and_then(|c| c.progress.current());
+        let lag = self.engine.lag();
+        let lost = self.engine.lost();
         let pending = self.engine.pending_paths() as u64;
         let state = if self.engine.split() {
             "SPLIT"
@@ -347,6 +393,12 @@ impl Control {
             resync_bytes_copied: self.catchup.as_ref().map_or(0, |c| c.progress.bytes_copied()),
             uptime_seconds: self.started.elapsed().as_secs_f64(),
             transport: self.transport.to_string(),
+            mode: if self.engine.asynchronous() { "async" } else { "sync" }.to_string(),
+            lag_seconds: lag.seconds,
+            lag_bytes: lag.bytes,
+            lag_ops: lag.ops,
+            lost_ops: lost.map_or(0, |l| l.0),
+            mirror_as_of: lost.map(|l| utc(std::time::UNIX_EPOCH + Duration::from_nanos(l.1))),
         }
     }
 
@@ -716,6 +768,12 @@ mod tests {
             resync_bytes_copied: 0,
             uptime_seconds: 0.0,
             transport: String::new(),
+            mode: "sync".to_string(),
+            lag_seconds: 0.0,
+            lag_bytes: 0,
+            lag_ops: 0,
+            lost_ops: 0,
+            mirror_as_of: None,
         }
     }
 

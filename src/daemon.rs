@@ -403,6 +403,7 @@ fn describe(opts: &Options) -> String {
         ("mirror_skip", opts.mirror_skip),
         ("noswitch", opts.noswitch),
         ("mirrors=off", opts.mirrors_off),
+        ("async", opts.asynchronous),
     ] {
         if on {
             v.push(name.to_string());
@@ -410,6 +411,10 @@ fn describe(opts: &Options) -> String {
     }
     v.push(format!("side_timeout={}", opts.side_timeout.as_secs_f64()));
     v.push(format!("probe_interval={}", opts.probe_interval.as_secs_f64()));
+    if opts.asynchronous {
+        v.push(format!("max_lag={}", opts.max_lag.as_secs_f64()));
+        v.push(format!("max_log={}", opts.max_log));
+    }
     if let Some(h) = &opts.hook {
         v.push(format!("hook={}", h.display()));
     }
@@ -497,6 +502,15 @@ fn serve(p: Prepared, ready: &mut Option<File>) -> Result<(), Failure> {
     }
     if !opts.read_only {
         start_journals(&engine, &absent).map_err(|e| rt("the journals", &e))?;
+        if opts.asynchronous {
+            engine
+                .start_follow(opts.max_lag, opts.max_log)
+                .map_err(|e| rt("the change log", &e))?;
+        } else {
+            engine
+                .drain_log()
+                .map_err(|e| rt("the change log of an async mount", &e))?;
+        }
     }
     let fs = MirrorFs::new(
         engine.clone(),

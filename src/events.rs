@@ -52,6 +52,8 @@ pub enum Kind {
     VerifyMismatch,
     SplitBrain,
     CrashRecovery,
+    LagExceeded,
+    LagRecovered,
 }
 
 /// One event, as logged and as `--json` prints it.

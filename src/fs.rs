@@ -10,12 +10,12 @@
 
 use std::ffi::{OsStr, OsString};
 use std::io;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     AccessFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, InitFlags,
@@ -24,7 +24,9 @@ use fuser::{
     TimeOrNow, WriteFlags,
 };
 
+use crate::changelog::Change;
 use crate::engine::bufpool::PooledBuf;
+use crate::engine::follow::Follow;
 use crate::engine::gate::Pass;
 use crate::engine::inline::{Flight, Rescue};
 use crate::engine::{Effect, Engine, Pace, Subject};
@@ -330,7 +332,104 @@ impl MirrorFs {
     }
 }
 
+/// How a change holds the names lock in async mode (`engine::follow`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Names {
+    /// It names paths (or an open file's path) without moving any.
+    Shared,
+    /// It makes, removes or moves names.
+    Exclusive,
+}
+
 impl Core {
+    /// Runs `change` (through the engine). In async mode it runs on the
+    /// primary alone, and what `records` makes of its result is appended
+    /// to the change log before it is answered, under the names lock; a
+    /// writer first waits while the mirror is more than `max_lag` behind.
+    fn logged<T>(
+        &self,
+        names: Names,
+        change: impl FnOnce() -> io::Result<T>,
+        records: impl FnOnce(&T) -> Vec<Change>,
+    ) -> io::Result<T> {
+        let Some(f) = self.engine.following().cloned() else {
+            return change();
+        };
+        let engine = &self.engine;
+        f.throttle(|| engine.mirror_following(), |over, lag| engine.lag_event(over, lag));
+        let deadline = Instant::now() + engine.side_timeout();
+        let Some(_names) = f.names.acquire(names == Names::Exclusive, deadline) else {
+            log::warn!("side=primary a change waited side_timeout for the names lock");
+            return Err(err(libc::EIO));
+        };
+        let r = change()?;
+        for c in records(&r) {
+            if let Err(e) = f.log.append(c) {
+                log::error!("side=primary cannot append to the change log: {e}");
+                return Err(err(libc::EIO));
+            }
+        }
+        engine.check_overflow();
+        Ok(r)
+    }
+
+    /// The primary's path of an open file (None once it has no name).
+    fn primary_path(&self, file: &OpenFile) -> Option<PathBuf> {
+        let fd = file.fd(Side::Primary).ok()?;
+        let root = self.engine.volume(Side::Primary).ok()?.path.clone();
+        Follow::path_of_fd(fd.as_raw_fd(), &root)
+    }
+
+    /// In async mode, makes every record appended so far durable (an
+    /// fsync's promise covers the log before it).
+    fn sync_log(&self) -> io::Result<()> {
+        match self.engine.following() {
+            Some(f) => f.log.sync(f.log.last()).map_err(|e| {
+                log::error!("side=primary cannot sync the change log: {e}");
+                err(libc::EIO)
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Write records of `n` bytes at `offset` of `file`, read back from
+    /// the primary (what a copy_file_range put there).
+    fn copied(&self, file: &OpenFile, offset: u64, n: usize) -> Vec<Change> {
+        let (Some(path), Ok(fd)) = (self.primary_path(file), file.fd(Side::Primary)) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let mut done = 0;
+        while done < n {
+            let mut data = vec![0u8; (n - done).min(MAX_WRITE as usize)];
+            match volume::pread(fd.as_fd(), &mut data, offset + done as u64) {
+                Ok(0) => break,
+                Ok(got) => {
+                    data.truncate(got);
+                    out.push(Change::Write {
+                        path: path.clone(),
+                        offset: offset + done as u64,
+                        data,
+                    });
+                    done += got;
+                }
+                Err(e) => {
+                    log::error!("side=primary cannot read back a copy for the change log: {e}");
+                    break;
+                }
+            }
+        }
+        out
+    }
+
+    /// A target's path on the primary, for a record.
+    fn target_path(&self, target: &Target) -> Option<PathBuf> {
+        match target {
+            Target::Path(p) => Some(p.clone()),
+            Target::File(f) => self.primary_path(f),
+        }
+    }
+
     fn hidden(parent: u64, name: &OsStr) -> bool {
         parent == ROOT && name.as_bytes() == META_DIR.as_bytes()
     }
@@ -338,7 +437,7 @@ impl Core {
     fn writable(&self) -> io::Result<()> {
         if self.config.read_only {
             Err(err(libc::EROFS))
-        } else if self.engine.split() {
+        } else if self.engine.stopped() {
             // Nothing is served while split, changes included.
             Err(err(libc::EIO))
         } else if self.engine.changes_refused() {
@@ -425,9 +524,9 @@ impl Core {
         // (KILLPRIV_V2 leaves it to us); an explicit mode wins.
         let truncates = size.is_some() && mode.is_none();
         let caller = caller.clone();
-        let st = self
-            .engine
-            .apply("setattr", Pace::Sequential, subject, move |side, v| {
+        let recorded = target.clone();
+        let apply = || {
+            self.engine.apply("setattr", Pace::Sequential, subject, move |side, v| {
                 // Owner first: chown clears set-ID bits, and an explicit mode in
                 // the same request must win. Times last, after the size change
                 // has touched mtime.
@@ -474,7 +573,48 @@ impl Core {
                         Ok(st)
                     }
                 }
-            })?;
+            })
+        };
+        let st = self.logged(Names::Shared, apply, |st: &Stat| {
+            let Some(path) = self.target_path(&recorded) else {
+                return Vec::new();
+            };
+            let mut out = Vec::new();
+            if uid.is_some() || gid.is_some() {
+                out.push(Change::Chown {
+                    path: path.clone(),
+                    uid: uid.unwrap_or(u32::MAX),
+                    gid: gid.unwrap_or(u32::MAX),
+                });
+            }
+            if let Some(m) = mode {
+                out.push(Change::Chmod {
+                    path: path.clone(),
+                    mode: m & 0o7777,
+                });
+            }
+            if let Some(size) = size {
+                out.push(Change::Truncate {
+                    path: path.clone(),
+                    size,
+                });
+            }
+            if uid.is_some() || gid.is_some() || size.is_some() {
+                // A chown or truncate may have cleared set-ID bits.
+                out.push(Change::Chmod {
+                    path: path.clone(),
+                    mode: st.st_mode & 0o7777,
+                });
+            }
+            if at != SetTime::Omit || mt != SetTime::Omit {
+                out.push(Change::Times {
+                    path,
+                    atime: at,
+                    mtime: mt,
+                });
+            }
+            out
+        })?;
         Ok(attr(ino, &st))
     }
 
@@ -492,17 +632,22 @@ impl Core {
         parent: u64,
         name: &OsStr,
         f: impl Fn(&Volume, &Path) -> io::Result<()> + Send + Sync + 'static,
+        record: impl FnOnce(PathBuf) -> Change,
     ) -> io::Result<FileAttr> {
         let path = self.new_path(parent, name)?;
         let p = path.clone();
-        let mut pair = self
-            .engine
-            .change(Pace::Sequential, Subject::Entry(&path), move |_, v| {
-                f(v, &p)?;
-                v.lstat(&p)
-            });
-        let side = self.engine.settle(op, Subject::Entry(&path), &pair)?;
-        let st = pair.take_ok(side).ok_or_else(|| err(libc::EIO))?;
+        let made = || {
+            let mut pair = self
+                .engine
+                .change(Pace::Sequential, Subject::Entry(&path), move |_, v| {
+                    f(v, &p)?;
+                    v.lstat(&p)
+                });
+            let side = self.engine.settle(op, Subject::Entry(&path), &pair)?;
+            let st = pair.take_ok(side).ok_or_else(|| err(libc::EIO))?;
+            Ok((side, st))
+        };
+        let (side, st) = self.logged(Names::Exclusive, made, |_| vec![record(path.clone())])?;
         Ok(self.entry(parent, name, side, &st))
     }
 
@@ -511,10 +656,20 @@ impl Core {
         let path = self.existing_path(parent, name)?;
         let p = path.clone();
         let op = if dir { "rmdir" } else { "unlink" };
-        self.engine
-            .apply(op, Pace::Sequential, Subject::Entry(&path), move |_, v| {
-                if dir { v.rmdir(&p) } else { v.unlink(&p) }
-            })?;
+        let remove = || {
+            self.engine
+                .apply(op, Pace::Sequential, Subject::Entry(&path), move |_, v| {
+                    if dir { v.rmdir(&p) } else { v.unlink(&p) }
+                })
+        };
+        self.logged(Names::Exclusive, remove, |_| {
+            let path = path.clone();
+            vec![if dir {
+                Change::Rmdir { path }
+            } else {
+                Change::Unlink { path }
+            }]
+        })?;
         self.nodes.unlinked(parent, name);
         Ok(())
     }
@@ -534,8 +689,17 @@ impl Core {
         } else {
             Subject::Two(&from, &to)
         };
-        self.engine
-            .apply("rename", Pace::Sequential, subject, move |_, v| v.rename(&f, &t, flags))?;
+        let rename = || {
+            self.engine
+                .apply("rename", Pace::Sequential, subject, move |_, v| v.rename(&f, &t, flags))
+        };
+        self.logged(Names::Exclusive, rename, |_| {
+            vec![Change::Rename {
+                old: from.clone(),
+                new: to.clone(),
+                flags,
+            }]
+        })?;
         self.nodes
             .renamed(parent, name, newparent, newname, flags & libc::RENAME_EXCHANGE != 0);
         Ok(())
@@ -543,7 +707,14 @@ impl Core {
 
     fn do_link(&self, ino: u64, newparent: u64, newname: &OsStr) -> io::Result<FileAttr> {
         let old = self.nodes.path(ino)?;
-        self.make("link", newparent, newname, move |v, new| v.link(&old, new))
+        let o = old.clone();
+        self.make(
+            "link",
+            newparent,
+            newname,
+            move |v, new| v.link(&o, new),
+            |new| Change::Link { old, new },
+        )
     }
 
     /// Opens on every side that is up and keeps one fd per side. The pass
@@ -583,10 +754,23 @@ impl Core {
         let path = self.nodes.path(ino)?;
         let p = path.clone();
         let fl = backing_flags(flags);
-        let (_, _, fds, _pass) = self.open_both("open", Subject::Path(&path), effect, move |v| {
-            let fd = v.open_file(&p, fl)?;
-            let st = volume::fstat(std::os::fd::AsFd::as_fd(&fd))?;
-            Ok((fd, st))
+        let open = || {
+            self.open_both("open", Subject::Path(&path), effect, move |v| {
+                let fd = v.open_file(&p, fl)?;
+                let st = volume::fstat(std::os::fd::AsFd::as_fd(&fd))?;
+                Ok((fd, st))
+            })
+        };
+        let truncates = flags & libc::O_TRUNC != 0 && effect == Effect::Changes;
+        let (_, _, fds, _pass) = self.logged(Names::Shared, open, |_| {
+            if truncates {
+                vec![Change::Truncate {
+                    path: path.clone(),
+                    size: 0,
+                }]
+            } else {
+                Vec::new()
+            }
         })?;
         Ok(self.files.insert(OpenFile::new(ino, fl & !libc::O_TRUNC, fds)))
     }
@@ -605,10 +789,27 @@ impl Core {
         let p = path.clone();
         let fl = backing_flags(flags) | (flags & (libc::O_EXCL | libc::O_TRUNC));
         let mode = mode & !umask & 0o7777;
-        let (side, st, fds, _pass) = self.open_both("create", Subject::Entry(&path), Effect::Changes, move |v| {
-            let (fd, _) = v.create(&p, fl, mode, owner)?;
-            let st = volume::fstat(std::os::fd::AsFd::as_fd(&fd))?;
-            Ok((fd, st))
+        let created = Arc::new(AtomicBool::new(false));
+        let made = created.clone();
+        let create = || {
+            self.open_both("create", Subject::Entry(&path), Effect::Changes, move |v| {
+                let (fd, new) = v.create(&p, fl, mode, owner)?;
+                if new {
+                    made.store(true, Ordering::Release);
+                }
+                let st = volume::fstat(std::os::fd::AsFd::as_fd(&fd))?;
+                Ok((fd, st))
+            })
+        };
+        let (side, st, fds, _pass) = self.logged(Names::Exclusive, create, |_| {
+            let path = path.clone();
+            if created.load(Ordering::Acquire) {
+                vec![Change::Create { path, mode, owner }]
+            } else if flags & libc::O_TRUNC != 0 {
+                vec![Change::Truncate { path, size: 0 }]
+            } else {
+                Vec::new()
+            }
         })?;
         let a = self.entry(parent, name, side, &st);
         if let Some(intent) = self.engine.intent() {
@@ -645,14 +846,34 @@ impl Core {
         } else {
             Pace::Sequential
         };
-        let mut pair = self.engine.change2(
-            pace,
-            Subject::Inode(ino),
-            move |_| write_on(&file, Side::Primary, &copy, offset, kill_setid),
-            move |_| write_on(&mirror_file, Side::Mirror, &mirror_copy, offset, kill_setid),
-        );
-        let side = self.engine.settle("write", Subject::Inode(ino), &pair)?;
-        let n = pair.take_ok(side).ok_or_else(|| err(libc::EIO))?;
+        let recorded = file.clone();
+        let write = || {
+            let mut pair = self.engine.change2(
+                pace,
+                Subject::Inode(ino),
+                move |_| write_on(&file, Side::Primary, &copy, offset, kill_setid),
+                move |_| write_on(&mirror_file, Side::Mirror, &mirror_copy, offset, kill_setid),
+            );
+            let side = self.engine.settle("write", Subject::Inode(ino), &pair)?;
+            pair.take_ok(side).ok_or_else(|| err(libc::EIO))
+        };
+        let n = self.logged(Names::Shared, write, |n: &usize| {
+            let Some(path) = self.primary_path(&recorded) else {
+                return Vec::new();
+            };
+            let mut out = vec![Change::Write {
+                path: path.clone(),
+                offset,
+                data: data[..*n].to_vec(),
+            }];
+            if kill_setid && let Ok(st) = recorded.fd(Side::Primary).and_then(|fd| volume::fstat(fd.as_fd())) {
+                out.push(Change::Chmod {
+                    path,
+                    mode: st.st_mode & 0o7777,
+                });
+            }
+            out
+        })?;
         Ok(n as u32)
     }
 
@@ -929,7 +1150,22 @@ impl MirrorFs {
     ) -> bool {
         let owner = who.owner();
         let mode = (mode & libc::S_IFMT) | (mode & !umask & 0o7777);
-        let make = move |fs: &Core| fs.make("mknod", parent, &name, move |v, p| v.mknod(p, mode, rdev as u64, owner));
+        let make = move |fs: &Core| {
+            let rdev = rdev as u64;
+            let record = move |path| Change::Mknod {
+                path,
+                mode,
+                rdev,
+                owner,
+            };
+            fs.make(
+                "mknod",
+                parent,
+                &name,
+                move |v, p| v.mknod(p, mode, rdev, owner),
+                record,
+            )
+        };
         self.serve(reply, make, finish_entry)
     }
 
@@ -944,7 +1180,10 @@ impl MirrorFs {
     ) -> bool {
         let owner = who.owner();
         let mode = mode & !umask & 0o7777;
-        let make = move |fs: &Core| fs.make("mkdir", parent, &name, move |v, p| v.mkdir(p, mode, owner));
+        let make = move |fs: &Core| {
+            let record = move |path| Change::Mkdir { path, mode, owner };
+            fs.make("mkdir", parent, &name, move |v, p| v.mkdir(p, mode, owner), record)
+        };
         self.serve(reply, make, finish_entry)
     }
 
@@ -962,8 +1201,9 @@ impl MirrorFs {
     ) -> bool {
         let owner = who.owner();
         let make = move |fs: &Core| {
-            let target = target.clone();
-            fs.make("symlink", parent, &name, move |v, p| v.symlink(&target, p, owner))
+            let (t, target) = (target.clone(), target.clone());
+            let record = move |path| Change::Symlink { target, path, owner };
+            fs.make("symlink", parent, &name, move |v, p| v.symlink(&t, p, owner), record)
         };
         self.serve(reply, make, finish_entry)
     }
@@ -1052,8 +1292,20 @@ impl MirrorFs {
 
     pub fn fsync_op(&self, fh: u64, datasync: bool, reply: impl reply::Empty) -> bool {
         let fsync = move |fs: &Core| {
-            fs.on_handle("fsync", Pace::Concurrent, fh, move |f, side| {
-                volume::fsync(f.fd(side)?.as_fd(), datasync)
+            let file = fs.files.get(fh)?;
+            let sync = || {
+                fs.on_handle("fsync", Pace::Concurrent, fh, move |f, side| {
+                    volume::fsync(f.fd(side)?.as_fd(), datasync)
+                })?;
+                fs.sync_log()
+            };
+            // The barrier: the shipper makes the file durable on the
+            // mirror at this point of the log.
+            fs.logged(Names::Shared, sync, |_| {
+                fs.primary_path(&file)
+                    .map(|path| Change::Fsync { path, datasync })
+                    .into_iter()
+                    .collect()
             })
         };
         self.serve(reply, fsync, finish_empty)
@@ -1106,10 +1358,19 @@ impl MirrorFs {
         let fsyncdir = move |fs: &Core| {
             let p = fs.nodes.path(ino)?;
             let q = p.clone();
-            fs.engine
-                .apply("fsyncdir", Pace::Concurrent, Subject::Path(&p), move |_, v| {
-                    v.fsync_path(&q, datasync)
-                })
+            let sync = || {
+                fs.engine
+                    .apply("fsyncdir", Pace::Concurrent, Subject::Path(&p), move |_, v| {
+                        v.fsync_path(&q, datasync)
+                    })?;
+                fs.sync_log()
+            };
+            fs.logged(Names::Shared, sync, |_| {
+                vec![Change::Fsync {
+                    path: p.clone(),
+                    datasync,
+                }]
+            })
         };
         self.serve(reply, fsyncdir, finish_empty)
     }
@@ -1139,11 +1400,21 @@ impl MirrorFs {
         let set = move |fs: &Core| {
             fs.writable()?;
             let p = fs.xattr_target(ino)?;
-            let (q, name, value) = (p.clone(), name.clone(), value.clone());
-            fs.engine
-                .apply("setxattr", Pace::Sequential, Subject::Path(&p), move |_, v| {
-                    v.setxattr(&q, &name, &value, flags)
-                })
+            let (q, n, v2) = (p.clone(), name.clone(), value.clone());
+            let set = || {
+                fs.engine
+                    .apply("setxattr", Pace::Sequential, Subject::Path(&p), move |_, v| {
+                        v.setxattr(&q, &n, &v2, flags)
+                    })
+            };
+            fs.logged(Names::Shared, set, |_| {
+                vec![Change::SetXattr {
+                    path: p.clone(),
+                    name: (*name).clone(),
+                    value: (*value).clone(),
+                    flags,
+                }]
+            })
         };
         self.serve(reply, set, finish_empty)
     }
@@ -1176,11 +1447,19 @@ impl MirrorFs {
         let remove = move |fs: &Core| {
             fs.writable()?;
             let p = fs.xattr_target(ino)?;
-            let (q, name) = (p.clone(), name.clone());
-            fs.engine
-                .apply("removexattr", Pace::Sequential, Subject::Path(&p), move |_, v| {
-                    v.removexattr(&q, &name)
-                })
+            let (q, n) = (p.clone(), name.clone());
+            let remove = || {
+                fs.engine
+                    .apply("removexattr", Pace::Sequential, Subject::Path(&p), move |_, v| {
+                        v.removexattr(&q, &n)
+                    })
+            };
+            fs.logged(Names::Shared, remove, |_| {
+                vec![Change::RemoveXattr {
+                    path: p.clone(),
+                    name: (*name).clone(),
+                }]
+            })
         };
         self.serve(reply, remove, finish_empty)
     }
@@ -1213,8 +1492,29 @@ impl MirrorFs {
     pub fn fallocate_op(&self, fh: u64, offset: u64, length: u64, mode: i32, reply: impl reply::Empty) -> bool {
         let fallocate = move |fs: &Core| {
             fs.writable()?;
-            fs.on_handle("fallocate", Pace::Concurrent, fh, move |f, side| {
-                volume::fallocate(f.fd(side)?.as_fd(), mode, offset, length)
+            if fs.engine.following().is_some()
+                && mode & (libc::FALLOC_FL_COLLAPSE_RANGE | libc::FALLOC_FL_INSERT_RANGE) != 0
+            {
+                // They shift data: a replay over a mirror that has them
+                // already would shift it twice.
+                return Err(err(libc::EOPNOTSUPP));
+            }
+            let file = fs.files.get(fh)?;
+            let allocate = || {
+                fs.on_handle("fallocate", Pace::Concurrent, fh, move |f, side| {
+                    volume::fallocate(f.fd(side)?.as_fd(), mode, offset, length)
+                })
+            };
+            fs.logged(Names::Shared, allocate, |_| {
+                fs.primary_path(&file)
+                    .map(|path| Change::Fallocate {
+                        path,
+                        mode,
+                        offset,
+                        len: length,
+                    })
+                    .into_iter()
+                    .collect()
             })
         };
         self.serve(reply, fallocate, finish_empty)
@@ -1248,17 +1548,22 @@ impl MirrorFs {
         let copy = move |fs: &Core| {
             fs.writable()?;
             let fin = fs.files.get(fh_in)?;
-            fs.on_handle("copy_file_range", Pace::Concurrent, fh_out, move |fout, side| {
-                volume::copy_file_range(
-                    fin.fd(side)?.as_fd(),
-                    offset_in,
-                    fout.fd(side)?.as_fd(),
-                    offset_out,
-                    len,
-                    flags,
-                )
-                .map(|n| n as u32)
-            })
+            let out = fs.files.get(fh_out)?;
+            let copy = || {
+                fs.on_handle("copy_file_range", Pace::Concurrent, fh_out, move |fout, side| {
+                    volume::copy_file_range(
+                        fin.fd(side)?.as_fd(),
+                        offset_in,
+                        fout.fd(side)?.as_fd(),
+                        offset_out,
+                        len,
+                        flags,
+                    )
+                    .map(|n| n as u32)
+                })
+            };
+            // The mirror gets the bytes copied, read back from the primary.
+            fs.logged(Names::Shared, copy, |n: &u32| fs.copied(&out, offset_out, *n as usize))
         };
         self.serve(reply, copy, finish_written)
     }

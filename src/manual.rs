@@ -44,6 +44,18 @@ pub const MOUNT_OPTIONS: &[Entry] = &[
         "hook=PROGRAM",
         "run PROGRAM for each event, the event as one JSON line on stdin; it must exist and be executable",
     ),
+    (
+        "async",
+        "the mirror follows the primary from an ordered change log instead of taking each change with it (not with noswitch or mirrors=off)",
+    ),
+    (
+        "max_lag=S",
+        "async: writers wait while the oldest change not yet on the mirror is older than S seconds (default 5)",
+    ),
+    (
+        "max_log=SIZE",
+        "async: the change log kept for a mirror that is DOWN before a resync takes over (default 1G)",
+    ),
 ];
 
 pub const MOUNT_STATES: &[Entry] = &[
@@ -101,6 +113,10 @@ pub const EVENTS: &[Entry] = &[
         "the mount found writes in flight from a crash and made the sides agree",
     ),
     ("verify_mismatch", "reserved"),
+    (
+        "lag_exceeded, lag_recovered",
+        "async: the mirror fell more than max_lag behind (writers wait), or is back under it",
+    ),
 ];
 
 pub const FILES: &[Entry] = &[
@@ -115,6 +131,14 @@ pub const FILES: &[Entry] = &[
     (
         ".mirrorfs/journal",
         "the paths changed while the other side was out of service",
+    ),
+    (
+        ".mirrorfs/changelog/",
+        "async, on the primary: the change log the mirror follows",
+    ),
+    (
+        ".mirrorfs/shipped",
+        "async, on the mirror: how far the change log has been applied",
     ),
     (
         ".mirrorfs/intent",

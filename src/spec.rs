@@ -90,6 +90,14 @@ pub struct Options {
     pub noautoresync: bool,
     /// `hook=PROGRAM`: run for each event, with the event as JSON on stdin.
     pub hook: Option<PathBuf>,
+    /// `async`: the mirror follows from an ordered change log.
+    pub asynchronous: bool,
+    /// `max_lag=S`, default 5 s: the oldest change not yet on the mirror is
+    /// never older (writers wait beyond it).
+    pub max_lag: Duration,
+    /// `max_log=SIZE`, default 1 GiB: the change log kept for a mirror that
+    /// is down, before the missed-change journal and a resync take over.
+    pub max_log: u64,
 }
 
 impl Default for Options {
@@ -106,6 +114,9 @@ impl Default for Options {
             side_timeout: Duration::from_secs(30),
             noautoresync: false,
             hook: None,
+            asynchronous: false,
+            max_lag: Duration::from_secs(5),
+            max_log: 1 << 30,
         }
     }
 }
@@ -133,6 +144,29 @@ const IGNORED_OPTIONS: &[&str] = &[
     "default_permissions",
 ];
 
+/// A size: a number of bytes, or of KiB, MiB, GiB or TiB with a suffix
+/// (`K`, `KiB`, `M`, `MiB`, `G`, `GiB`, `T`, `TiB`; case does not matter).
+fn parse_size(key: &str, value: &str) -> Result<u64, String> {
+    let bad = || format!("option {key}={value}: expected a size such as 512M or 2G");
+    let v = value.trim();
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (num, unit) = v.split_at(split);
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let shift = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kib" => 10,
+        "m" | "mib" => 20,
+        "g" | "gib" => 30,
+        "t" | "tib" => 40,
+        _ => return Err(bad()),
+    };
+    let bytes = n.checked_mul(1 << shift).ok_or_else(bad)?;
+    if bytes == 0 {
+        return Err(format!("option {key}={value}: must be more than 0"));
+    }
+    Ok(bytes)
+}
+
 fn parse_seconds(key: &str, value: &str) -> Result<Duration, String> {
     let secs: f64 = value
         .parse()
@@ -148,10 +182,28 @@ impl Options {
     /// comma-separated options.
     pub fn parse<S: AsRef<str>>(lists: &[S]) -> Result<Options, String> {
         let mut o = Options::default();
+        let mut lag_or_log = None;
         for list in lists {
             for opt in list.as_ref().split(',').filter(|s| !s.is_empty()) {
                 o.apply(opt)?;
+                if opt.starts_with("max_lag=") || opt.starts_with("max_log=") {
+                    lag_or_log = Some(opt.split('=').next().unwrap_or(opt).to_string());
+                }
             }
+        }
+        if let Some(key) = lag_or_log
+            && !o.asynchronous
+        {
+            return Err(format!("option {key} needs -o async"));
+        }
+        if o.asynchronous && o.mirrors_off {
+            return Err("options async and mirrors=off cannot be combined: mirrors=off has no mirror to follow".into());
+        }
+        if o.asynchronous && o.noswitch {
+            return Err(
+                "options async and noswitch cannot be combined: in async mode the mirror fails after the caller has its answer"
+                    .into(),
+            );
         }
         Ok(o)
     }
@@ -185,6 +237,9 @@ impl Options {
                 self.probe_interval = parse_seconds(key, value.unwrap_or(""))?;
             }
             "side_timeout" => self.side_timeout = parse_seconds(key, value.unwrap_or(""))?,
+            "async" => self.asynchronous = flag(value)?,
+            "max_lag" => self.max_lag = parse_seconds(key, value.unwrap_or(""))?,
+            "max_log" => self.max_log = parse_size(key, value.unwrap_or(""))?,
             "hook" => match value {
                 Some(v) if !v.is_empty() => self.hook = Some(PathBuf::from(v)),
                 _ => return Err("option hook needs a program: hook=PROGRAM".into()),
@@ -574,6 +629,60 @@ mod tests {
         assert!(Options::parse(&["side_timeout=0"]).is_err());
         assert!(Options::parse(&["side_timeout=abc"]).is_err());
         assert!(Options::parse(&["mirrors=maybe"]).is_err());
+    }
+
+    #[test]
+    fn parses_the_async_options_and_refuses_what_does_not_go_with_them() {
+        let o = Options::parse(&["async"]).unwrap();
+        assert!(o.asynchronous);
+        assert_eq!(o.max_lag, Duration::from_secs(5));
+        assert_eq!(o.max_log, 1 << 30);
+        let o = Options::parse(&["async,max_lag=0.5,max_log=512M"]).unwrap();
+        assert_eq!(o.max_lag, Duration::from_millis(500));
+        assert_eq!(o.max_log, 512 << 20);
+        for (size, bytes) in [
+            ("4096", 4096u64),
+            ("2g", 2 << 30),
+            ("3GiB", 3 << 30),
+            ("1T", 1 << 40),
+            ("8k", 8192),
+        ] {
+            assert_eq!(
+                Options::parse(&[format!("async,max_log={size}")]).unwrap().max_log,
+                bytes,
+                "{size}"
+            );
+        }
+        for bad in [
+            "max_log=0",
+            "max_log=1.5G",
+            "max_log=12X",
+            "max_log=",
+            "max_lag=0",
+            "max_lag=-1",
+        ] {
+            let e = Options::parse(&[format!("async,{bad}")]).unwrap_err();
+            assert!(e.contains(bad.split('=').next().unwrap()), "{bad}: {e}");
+        }
+        assert_eq!(
+            Options::parse(&["max_lag=2"]).unwrap_err(),
+            "option max_lag needs -o async"
+        );
+        assert_eq!(
+            Options::parse(&["max_log=1G"]).unwrap_err(),
+            "option max_log needs -o async"
+        );
+        assert!(
+            Options::parse(&["async,mirrors=off"])
+                .unwrap_err()
+                .contains("cannot be combined")
+        );
+        assert!(
+            Options::parse(&["async,noswitch"])
+                .unwrap_err()
+                .contains("cannot be combined")
+        );
+        assert!(Options::parse(&["async=yes"]).is_err());
         assert!(Options::parse(&["fsname="]).is_err());
     }
 

@@ -24,6 +24,7 @@
 //! while waiting for a side.
 
 pub mod bufpool;
+pub mod follow;
 pub mod gate;
 pub mod handoff;
 pub mod inline;
@@ -203,6 +204,14 @@ pub struct Engine {
     /// the operator names the winner.
     split: std::sync::atomic::AtomicBool,
     retired: Sender<Box<dyn Send>>,
+    /// Async mode (`follow`), once started.
+    follow: OnceLock<Arc<follow::Follow>>,
+    /// Async mode: the primary failed with this many changes not yet on
+    /// the mirror, which holds the primary's state as of `mirror_as_of`
+    /// (ns since the epoch). Nothing is served from then on: serving the
+    /// mirror would roll files back under a running database.
+    lost_ops: AtomicU64,
+    mirror_as_of: AtomicU64,
 }
 
 /// Whether `side` is asked to do an operation with `effect`: a change also
@@ -266,7 +275,217 @@ impl Engine {
             wanted: crossbeam_channel::unbounded(),
             divergences: AtomicU64::new(0),
             split: std::sync::atomic::AtomicBool::new(false),
+            follow: OnceLock::new(),
+            lost_ops: AtomicU64::new(0),
+            mirror_as_of: AtomicU64::new(0),
         })
+    }
+
+    /// Async mode, while it is in force: the mirror follows from the log
+    /// rather than taking each change (the primary serves).
+    pub fn following(&self) -> Option<&Arc<follow::Follow>> {
+        self.follow
+            .get()
+            .filter(|f| self.health.is_up(Side::Primary) && !f.overflowed.load(Ordering::Acquire))
+    }
+
+    /// Nothing is served: split brain, or (async mode) the primary failed
+    /// with changes the mirror lacks.
+    pub fn stopped(&self) -> bool {
+        self.split() || self.lost_ops.load(Ordering::Acquire) > 0
+    }
+
+    /// Async mode, after the primary failed with changes the mirror
+    /// lacks: how many, and since when (ns since the epoch) the mirror's
+    /// state dates.
+    pub fn lost(&self) -> Option<(u64, u64)> {
+        match self.lost_ops.load(Ordering::Acquire) {
+            0 => None,
+            n => Some((n, self.mirror_as_of.load(Ordering::Acquire))),
+        }
+    }
+
+    /// Async mode was started for this mount.
+    pub fn asynchronous(&self) -> bool {
+        self.follow.get().is_some()
+    }
+
+    /// How far the mirror is behind in async mode (zero otherwise).
+    pub fn lag(&self) -> crate::changelog::Lag {
+        self.follow.get().map(|f| f.log.lag()).unwrap_or_default()
+    }
+
+    /// Async mode: true while the mirror can take what the shipper brings.
+    /// A shipper stuck in one call on the mirror for `side_timeout` takes
+    /// the mirror down (ETIMEDOUT), so that writers held by the lag bound
+    /// go on.
+    pub fn mirror_following(&self) -> bool {
+        if let Some(f) = self.follow.get()
+            && let Some(s) = f.shipper.lock().unwrap_or_else(|e| e.into_inner()).as_ref()
+            && s.busy_for().is_some_and(|b| b >= self.config.side_timeout)
+            && self.health.is_up(Side::Mirror)
+        {
+            self.health.count_error(Side::Mirror, "ship");
+            self.side_failed(Side::Mirror, "ship", Some(libc::ETIMEDOUT), Subject::Mount);
+        }
+        self.health.is_up(Side::Mirror)
+    }
+
+    /// Reports the lag passing `max_lag` (`over`) or coming back under it.
+    pub fn lag_event(&self, over: bool, lag: crate::changelog::Lag) {
+        let kind = if over { Kind::LagExceeded } else { Kind::LagRecovered };
+        let detail = format!("lag={:.3}s ops={} bytes={}", lag.seconds, lag.ops, lag.bytes);
+        if over {
+            log::warn!("side=mirror {detail}: writers wait for the mirror");
+        } else {
+            log::info!("side=mirror {detail}: back under the bound");
+        }
+        self.events.emit(Event::new(kind).side(Side::Mirror).detail(detail));
+    }
+
+    /// At a mount in sync mode: a change log left by an async mount is
+    /// applied to the mirror first (it lacks what the log holds past its
+    /// position), then removed. If that cannot be done (no mirror, a
+    /// position from another log, a failure), the mirror's whole tree is
+    /// recorded as missed instead, for a resync from the primary.
+    pub fn drain_log(&self) -> io::Result<()> {
+        let Ok(primary) = self.volume(Side::Primary) else {
+            // Not here: its log, if any, is seen when it is.
+            return Ok(());
+        };
+        let dir = primary.path.join(crate::volume::META_DIR).join(crate::changelog::DIR);
+        if !dir.is_dir() {
+            return Ok(());
+        }
+        if !self.health.is_up(Side::Primary) {
+            // Stale: the mirror took changes without it, and it will be
+            // resynced from the mirror. Its log is history.
+            log::warn!("side=primary is stale: the change log it holds from an async mount is dropped");
+            return std::fs::remove_dir_all(&dir);
+        }
+        let drained = (|| -> io::Result<u64> {
+            let mirror = self.volume(Side::Mirror)?;
+            if !self.health.is_up(Side::Mirror) {
+                return Err(io::Error::other("the mirror is not in service"));
+            }
+            let log = crate::changelog::Log::open(&dir, 0)?;
+            let from = match shipper::read_position(&mirror)? {
+                Some(p) if p.log_id == log.id() => p.seq,
+                _ => return Err(io::Error::other("the mirror's position is not in this log")),
+            };
+            let mut reader = log.reader(from);
+            let mut files = crate::changelog::KeptFiles::default();
+            let mut n = 0;
+            let mut again = true;
+            while let Some(r) = reader.read_next()? {
+                r.change.apply_with(&mirror, again, &mut files)?;
+                again = false;
+                n += 1;
+            }
+            mirror.syncfs()?;
+            Ok(n)
+        })();
+        match drained {
+            Ok(n) => log::info!("side=mirror applied {n} change(s) left in the change log by an async mount"),
+            Err(e) => {
+                log::warn!(
+                    "side=mirror the change log left by an async mount cannot be applied ({e}): the mirror is resynced whole"
+                );
+                self.journal_missed(Side::Mirror, &[crate::journal::tree(Path::new(""))])?;
+            }
+        }
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+
+    /// Async mode: past `max_log` with the mirror out of service, the log
+    /// is dropped and the mirror's whole tree recorded as missed; the mount
+    /// goes on as in sync mode (the mirror is resynced when it is back)
+    /// until it is mounted again.
+    pub fn check_overflow(&self) {
+        let Some(f) = self.follow.get() else {
+            return;
+        };
+        if self.health.is_up(Side::Mirror) || f.overflowed.load(Ordering::Acquire) {
+            return;
+        }
+        // What the mirror lacks is what the log must keep.
+        let size = f.log.lag().bytes;
+        if size <= f.max_log {
+            return;
+        }
+        if self
+            .journal_missed(Side::Mirror, &[crate::journal::tree(Path::new(""))])
+            .is_err()
+        {
+            return;
+        }
+        f.overflowed.store(true, Ordering::Release);
+        if let Some(s) = f.shipper.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            s.stop(Duration::ZERO);
+        }
+        log::warn!(
+            "side=mirror the change log passed max_log ({size} > {} bytes) while the mirror is out of service: it is dropped, and the mirror will be resynced whole; the mount runs in sync mode until it is mounted again",
+            f.max_log
+        );
+        if let Err(e) = std::fs::remove_dir_all(f.log.dir()) {
+            log::warn!("cannot remove the change log: {e}");
+        }
+    }
+
+    /// Starts async mode: opens the change log on the primary and ships it
+    /// to the mirror from the mirror's recorded position.
+    ///
+    /// A primary that is absent or stale at mount does not lead: the mount
+    /// runs as in sync mode (a stale primary's log is history, dropped).
+    pub fn start_follow(self: &Arc<Engine>, max_lag: Duration, max_log: u64) -> io::Result<()> {
+        let Ok(primary) = self.volume(Side::Primary) else {
+            log::warn!("side=primary absent: async mode waits for a mount with it");
+            return Ok(());
+        };
+        let dir = primary.path.join(crate::volume::META_DIR).join(crate::changelog::DIR);
+        if !self.health.is_up(Side::Primary) {
+            log::warn!("side=primary is stale: async mode waits for a mount with it in service");
+            if dir.is_dir() {
+                std::fs::remove_dir_all(&dir)?;
+            }
+            return Ok(());
+        }
+        let mirror = self.volume(Side::Mirror).ok();
+        let position = match &mirror {
+            Some(v) => shipper::read_position(v)?,
+            None => None,
+        };
+        let probe = crate::changelog::Log::open(&dir, 0)?;
+        let from = match position {
+            Some(p) if p.log_id == probe.id() => p.seq,
+            // A mirror that never followed this log starts at its end: it
+            // was made identical by the sync mount or resync before it.
+            _ => probe.last(),
+        };
+        drop(probe);
+        let log = Arc::new(crate::changelog::Log::open(&dir, from)?);
+        if let Some(v) = &mirror {
+            shipper::write_position(
+                v,
+                shipper::Position {
+                    log_id: log.id(),
+                    seq: from,
+                },
+                true,
+            )?;
+        }
+        let f = Arc::new(follow::Follow::new(log.clone(), max_lag, max_log));
+        let s = shipper::Shipper::start(
+            log.clone(),
+            log.id(),
+            from,
+            Arc::new(EngineMirror(Arc::downgrade(self))),
+        )?;
+        *f.shipper.lock().unwrap_or_else(|e| e.into_inner()) = Some(s);
+        self.follow
+            .set(f)
+            .map_err(|_| io::Error::new(io::ErrorKind::AlreadyExists, "async mode started twice"))
     }
 
     /// Sets what is done when a side goes down (the daemon records it durably).
@@ -412,6 +631,21 @@ impl Engine {
         if let Some(f) = &self.on_down {
             f(side, op, errno);
         }
+        if side == Side::Primary
+            && let Some(f) = self.follow.get()
+        {
+            let lag = f.log.lag();
+            if lag.ops > 0 {
+                let as_of = crate::changelog::now_ns().saturating_sub((lag.seconds * 1e9) as u64);
+                self.mirror_as_of.store(as_of, Ordering::Release);
+                self.lost_ops.store(lag.ops, Ordering::Release);
+                log::error!(
+                    "side=primary failed with {} change(s) not yet on the mirror: nothing is served; the mirror holds the state of {:.3} s ago",
+                    lag.ops,
+                    lag.seconds
+                );
+            }
+        }
         self.events
             .emit(self.event(Kind::SideDown, subject).side(side).op(op).errno(errno));
         true
@@ -505,6 +739,10 @@ impl Engine {
     }
 
     fn serves(&self, side: Side, effect: Effect) -> bool {
+        if side == Side::Mirror && self.following().is_some() {
+            // The shipper brings the mirror every change, in order.
+            return false;
+        }
         serves(&self.health, side, effect)
     }
 
@@ -683,7 +921,7 @@ impl Engine {
         subject: Subject,
         f: impl Fn(Side, &Volume) -> io::Result<T> + Send + Sync + 'static,
     ) -> io::Result<T> {
-        if self.split() || inline::abandoned() {
+        if self.stopped() || inline::abandoned() {
             return Err(eio());
         }
         let f: ReadFn<T> = Arc::new(f);
@@ -963,6 +1201,10 @@ impl Engine {
         if effect != Effect::Changes || !Side::BOTH.iter().all(|s| self.health.takes_changes(*s)) {
             return true;
         }
+        if self.following().is_some() {
+            // The change log is the record of what the mirror lacks.
+            return true;
+        }
         let Some(intent) = self.intent() else {
             return true;
         };
@@ -1055,7 +1297,9 @@ impl Engine {
                 missed[i] = changes;
                 r[i] = SideResult::Skipped;
             } else if r[i] == SideResult::Skipped {
-                missed[i] = changes;
+                // In async mode the log, not the journal, holds what the
+                // mirror lacks.
+                missed[i] = changes && !(side == Side::Mirror && self.following().is_some());
             }
         }
         let d = resolve(r[0], r[1], self.config.policy);
@@ -1127,6 +1371,39 @@ impl Engine {
         let mut pair = self.change(pace, subject, f);
         let side = self.settle(op, subject, &pair)?;
         pair.take_ok(side).ok_or_else(eio)
+    }
+}
+
+/// The engine as the shipper sees it.
+struct EngineMirror(std::sync::Weak<Engine>);
+
+impl shipper::Mirror for EngineMirror {
+    fn volume(&self) -> Option<Arc<Volume>> {
+        let e = self.0.upgrade()?;
+        if !e.health.is_up(Side::Mirror) {
+            return None;
+        }
+        e.volume(Side::Mirror).ok()
+    }
+
+    fn failed(&self, op: &'static str, errno: i32, path: &Path) {
+        if let Some(e) = self.0.upgrade() {
+            e.health.count_error(Side::Mirror, op);
+            e.side_failed(Side::Mirror, op, Some(errno), Subject::Path(path));
+        }
+    }
+
+    fn diverged(&self, op: &'static str, errno: i32, path: &Path) {
+        let Some(e) = self.0.upgrade() else {
+            return;
+        };
+        e.divergences.fetch_add(1, Ordering::Relaxed);
+        let detail = format!("primary=ok mirror={}", errno_name(errno));
+        log::warn!("op={op} path={} diverged {detail} (shipping)", path.display());
+        // Caught up from the primary at the next resync.
+        let _ = e.journal_missed(Side::Mirror, &[path.to_path_buf()]);
+        e.events
+            .emit(e.event(Kind::Diverged, Subject::Path(path)).op(op).detail(detail));
     }
 }
 

@@ -489,6 +489,59 @@ impl XfsShutdown {
 
 // ---------------------------------------------------------------- sshfs
 
+/// A TCP relay on a free local port to `to`, that holds each chunk `delay`
+/// before passing it on, each way, without limiting the rate (chunks queue
+/// with their arrival time). Its threads end with the connections; the
+/// listener lives as long as the test process.
+fn relay(to: u16, delay: Duration) -> u16 {
+    use std::net::{Shutdown, TcpListener};
+    use std::sync::mpsc;
+    let listener = TcpListener::bind("127.0.0.1:0").expect("relay port");
+    let port = listener.local_addr().expect("relay address").port();
+    let pipe = move |mut from: TcpStream, mut into: TcpStream| {
+        let (tx, rx) = mpsc::channel::<(Instant, Vec<u8>)>();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 64 << 10];
+            loop {
+                match from.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if tx.send((Instant::now() + delay, buf[..n].to_vec())).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+        std::thread::spawn(move || {
+            for (due, chunk) in rx {
+                let now = Instant::now();
+                if due > now {
+                    std::thread::sleep(due - now);
+                }
+                if into.write_all(&chunk).is_err() {
+                    break;
+                }
+            }
+            let _ = into.shutdown(Shutdown::Write);
+        });
+    };
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { continue };
+            let Ok(server) = TcpStream::connect(("127.0.0.1", to)) else {
+                continue;
+            };
+            let _ = client.set_nodelay(true);
+            let _ = server.set_nodelay(true);
+            let (c2, s2) = (client.try_clone().expect("clone"), server.try_clone().expect("clone"));
+            pipe(client, s2);
+            pipe(server, c2);
+        }
+    });
+    port
+}
+
 /// A network side over loopback: a private sshd on 127.0.0.1 (its own host
 /// key, config and authorized key, started as a child) and an sshfs of
 /// `remote()` mounted on `root()`.
@@ -544,6 +597,13 @@ impl Drop for ResumeOnDrop {
 
 impl Sshfs {
     pub fn new() -> Sshfs {
+        Sshfs::with_delay(None)
+    }
+
+    /// An sshfs whose link to sshd passes through `relay`, which holds
+    /// every chunk `delay` each way (a distant mirror: this kernel has no
+    /// netem).
+    pub fn with_delay(delay: Option<Duration>) -> Sshfs {
         let sshd_bin = need_tool("sshd");
         need_tool("sshfs");
         need_tool("ssh-keygen");
@@ -571,7 +631,11 @@ impl Sshfs {
                 helpers: Vec::new(),
             })),
         };
-        let port = s.start_sshd(&sshd_bin);
+        let sshd_port = s.start_sshd(&sshd_bin);
+        let port = match delay {
+            Some(d) => relay(sshd_port, d),
+            None => sshd_port,
+        };
 
         let log = File::create(d.join("sshfs.log")).expect("sshfs log");
         let opts = format!(

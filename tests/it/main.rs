@@ -5,6 +5,7 @@
 
 mod common;
 
+mod asynchronous;
 mod cli;
 mod crash;
 mod failover;
