@@ -761,17 +761,18 @@ impl Core {
                 Ok((fd, st))
             })
         };
-        let truncates = flags & libc::O_TRUNC != 0 && effect == Effect::Changes;
-        let (_, _, fds, _pass) = self.logged(Names::Shared, open, |_| {
-            if truncates {
+        // Only a truncating open changes anything: the others neither wait
+        // for the mirror's lag nor take the names lock.
+        let (_, _, fds, _pass) = if flags & libc::O_TRUNC != 0 && effect == Effect::Changes {
+            self.logged(Names::Shared, open, |_| {
                 vec![Change::Truncate {
                     path: path.clone(),
                     size: 0,
                 }]
-            } else {
-                Vec::new()
-            }
-        })?;
+            })?
+        } else {
+            open()?
+        };
         Ok(self.files.insert(OpenFile::new(ino, fl & !libc::O_TRUNC, fds)))
     }
 
