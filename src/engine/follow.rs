@@ -138,12 +138,15 @@ impl Follow {
     /// The primary's path of the file open as `fd` (relative to `root`),
     /// None if it has no name any more.
     pub fn path_of_fd(fd: std::os::fd::RawFd, root: &Path) -> Option<std::path::PathBuf> {
-        let link = std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()?;
-        let rel = link.strip_prefix(root).ok()?;
-        if link.as_os_str().as_encoded_bytes().ends_with(b" (deleted)") {
+        // Unlinked: no name (the link's " (deleted)" suffix could also be
+        // a real name's end, so the link count decides).
+        // SAFETY: fd is open for the caller's whole call.
+        let st = crate::volume::fstat(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }).ok()?;
+        if st.st_nlink == 0 {
             return None;
         }
-        Some(rel.to_path_buf())
+        let link = std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()?;
+        Some(link.strip_prefix(root).ok()?.to_path_buf())
     }
 }
 
@@ -179,7 +182,9 @@ mod tests {
         assert_eq!(Follow::path_of_fd(fd, &root), Some("d/f".into()));
         std::fs::rename(t.path().join("d/f"), t.path().join("d/g")).unwrap();
         assert_eq!(Follow::path_of_fd(fd, &root), Some("d/g".into()));
-        std::fs::remove_file(t.path().join("d/g")).unwrap();
+        std::fs::rename(t.path().join("d/g"), t.path().join("d/g (deleted)")).unwrap();
+        assert_eq!(Follow::path_of_fd(fd, &root), Some("d/g (deleted)".into()));
+        std::fs::remove_file(t.path().join("d/g (deleted)")).unwrap();
         assert_eq!(Follow::path_of_fd(fd, &root), None);
     }
 }
