@@ -825,17 +825,7 @@ impl Log {
                 let mut b = [0u8; 8];
                 File::open("/dev/urandom")?.read_exact(&mut b)?;
                 let id = u64::from_le_bytes(b).max(1);
-                let tmp = dir.join(format!("{ID}.tmp"));
-                let mut f = OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .mode(0o600)
-                    .open(&tmp)?;
-                writeln!(f, "{id:016x}")?;
-                f.sync_all()?;
-                fs::rename(&tmp, &path)?;
-                File::open(dir)?.sync_all()?;
+                crate::meta::write_durably_mode(&path, format!("{id:016x}\n").as_bytes(), 0o600)?;
                 Ok(id)
             }
             Err(e) => Err(e),

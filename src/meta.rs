@@ -61,6 +61,11 @@ pub fn read_identity(side_root: &Path) -> io::Result<Option<Identity>> {
 
 /// Writes a file durably: temp file, fsync, rename, fsync of the directory.
 pub fn write_durably(path: &Path, data: &[u8]) -> io::Result<()> {
+    write_durably_mode(path, data, 0o644)
+}
+
+/// `write_durably`, the file made with `mode`.
+pub fn write_durably_mode(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
     let dir = path
         .parent()
         .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
@@ -70,7 +75,7 @@ pub fn write_durably(path: &Path, data: &[u8]) -> io::Result<()> {
             .write(true)
             .create(true)
             .truncate(true)
-            .mode(0o644)
+            .mode(mode)
             .open(&tmp)?;
         f.write_all(data)?;
         f.sync_all()?;
