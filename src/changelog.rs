@@ -479,9 +479,20 @@ impl Change {
                 Err(e) if again && e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
                 r => r,
             },
-            Change::Chmod { path, mode } => v.chmod(path, *mode),
-            Change::Chown { path, uid, gid } => v.chown(path, *uid, *gid),
-            Change::Times { path, atime, mtime } => v.utimens(path, *atime, *mtime),
+            // On a file kept open, through its fd: no walk of the path (a
+            // round trip per name on a network mirror).
+            Change::Chmod { path, mode } => match files.kept(path) {
+                Some(fd) => volume::fchmod(fd, *mode),
+                None => v.chmod(path, *mode),
+            },
+            Change::Chown { path, uid, gid } => match files.kept(path) {
+                Some(fd) => volume::fchown(fd, *uid, *gid),
+                None => v.chown(path, *uid, *gid),
+            },
+            Change::Times { path, atime, mtime } => match files.kept(path) {
+                Some(fd) => volume::futimens(fd, *atime, *mtime),
+                None => v.utimens(path, *atime, *mtime),
+            },
             Change::SetXattr {
                 path,
                 name,
@@ -758,10 +769,13 @@ pub struct Log {
 impl Log {
     /// Opens the log in `dir` (made if missing). A torn record at the end
     /// of the last segment is cut off; appends go on after the last whole
-    /// record. `applied`: the last record the mirror is known to have.
+    /// record. `applied`: the last record the mirror is known to have; one
+    /// before the log's first (`first_held`) counts as that record's
+    /// predecessor (the caller checks whether the mirror lacks any).
     pub fn open(dir: &Path, applied: u64) -> io::Result<Log> {
         std::os::unix::fs::DirBuilderExt::mode(fs::DirBuilder::new().recursive(true), 0o700).create(dir)?;
         let firsts = segments(dir)?;
+        let applied = applied.max(firsts.first().map_or(0, |f| f.saturating_sub(1)));
         let (segment, last, length) = match firsts.last() {
             Some(&first) => {
                 let path = dir.join(segment_name(first));
@@ -808,6 +822,15 @@ impl Log {
             }),
             synced: Condvar::new(),
             appended: Condvar::new(),
+        })
+    }
+
+    /// The first record the log still holds (the one after its last if it
+    /// holds none): those before it were applied to the mirror and dropped.
+    pub fn first_held(&self) -> io::Result<u64> {
+        Ok(match segments(&self.dir)?.first() {
+            Some(&f) => f,
+            None => self.last() + 1,
         })
     }
 
@@ -1270,6 +1293,14 @@ mod tests {
         let mut r = log.reader(69);
         assert_eq!(r.read_next().unwrap().map(|r| r.seq), Some(70));
         assert!(log.reader(0).read_next().is_err(), "record 1 was dropped");
+        // Reopened without a position (a mount that looks at the log
+        // before it knows the mirror's): it opens, and says what it holds.
+        let held = log.first_held().unwrap();
+        assert!(held > 1 && held <= 70, "first held {held}");
+        drop(log);
+        let log = Log::open(&dir, 0).unwrap();
+        assert_eq!(log.first_held().unwrap(), held);
+        assert_eq!(log.last(), 72);
     }
 
     #[test]

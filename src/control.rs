@@ -118,6 +118,10 @@ pub struct Status {
     pub lag_bytes: u64,
     #[serde(default)]
     pub lag_ops: u64,
+    /// Async mode: the records applied to the mirror since the mount,
+    /// those re-sent after a restart included.
+    #[serde(default)]
+    pub shipped_ops: u64,
     /// Async mode: the primary failed with this many changes not yet on
     /// the mirror, and nothing is served.
     #[serde(default)]
@@ -397,6 +401,7 @@ impl Control {
             lag_seconds: lag.seconds,
             lag_bytes: lag.bytes,
             lag_ops: lag.ops,
+            shipped_ops: self.engine.shipped(),
             lost_ops: lost.map_or(0, |l| l.0),
             mirror_as_of: lost.map(|l| utc(std::time::UNIX_EPOCH + Duration::from_nanos(l.1))),
         }
@@ -772,6 +777,7 @@ mod tests {
             lag_seconds: 0.0,
             lag_bytes: 0,
             lag_ops: 0,
+            shipped_ops: 0,
             lost_ops: 0,
             mirror_as_of: None,
         }

@@ -365,8 +365,14 @@ impl Core {
         let r = change()?;
         for c in records(&r) {
             if let Err(e) = f.log.append(c) {
-                log::error!("side=primary cannot append to the change log: {e}");
-                return Err(err(libc::EIO));
+                // The change is on the primary: the mirror is resynced.
+                return match engine.abandon_log(&e) {
+                    Ok(()) => Ok(r),
+                    Err(j) => {
+                        log::error!("side=mirror cannot record the change the log lacks: {j}");
+                        Err(err(libc::EIO))
+                    }
+                };
             }
         }
         engine.check_overflow();

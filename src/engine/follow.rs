@@ -16,7 +16,7 @@
 //! path is read from the primary's fd and its record appended.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -97,14 +97,17 @@ pub struct Follow {
     /// The log passed `max_log` while the mirror was down: dropped, and the
     /// mount runs as in sync mode.
     pub overflowed: AtomicBool,
+    /// The shipper's cost per record, in ns (`Shipper::pace`).
+    pace: Arc<AtomicU64>,
 }
 
 impl Follow {
-    pub fn new(log: Arc<Log>, max_lag: Duration, max_log: u64) -> Follow {
+    pub fn new(log: Arc<Log>, shipper: Shipper, max_lag: Duration, max_log: u64) -> Follow {
         Follow {
             log,
             names: NameLock::default(),
-            shipper: Mutex::new(None),
+            pace: shipper.pace(),
+            shipper: Mutex::new(Some(shipper)),
             max_lag,
             max_log,
             exceeded: AtomicBool::new(false),
@@ -112,15 +115,21 @@ impl Follow {
         }
     }
 
-    /// Waits while the oldest change the mirror lacks is older than
-    /// `max_lag` and `mirror_up` says the mirror is there to catch up (a
-    /// mirror that is down does not hold writers). `on_change(true)` once
-    /// when the bound is passed, `on_change(false)` once when the lag is
-    /// back under it.
+    /// Waits while the mirror is over the bound and `mirror_up` says it is
+    /// there to catch up (a mirror that is down does not hold writers):
+    /// while the oldest change it lacks is older than `max_lag`, or while
+    /// the backlog, at the shipper's measured pace, would take longer than
+    /// `max_lag` to ship (so that a change let in now reaches the mirror
+    /// within the bound, and a burst on a fast primary cannot queue up
+    /// minutes of work for a slow mirror before the oldest change has
+    /// aged). `on_change(true)` once when the bound is passed,
+    /// `on_change(false)` once when the mirror is back under half of it.
     pub fn throttle(&self, mirror_up: impl Fn() -> bool, on_change: impl Fn(bool, Lag)) {
+        let bound = self.max_lag.as_secs_f64();
         loop {
             let lag = self.log.lag();
-            let over = lag.seconds > self.max_lag.as_secs_f64();
+            let ahead = lag.ops as f64 * self.pace.load(Ordering::Relaxed) as f64 / 1e9;
+            let over = lag.seconds > bound || ahead > bound;
             if over && mirror_up() {
                 if !self.exceeded.swap(true, Ordering::AcqRel) {
                     on_change(true, lag);
@@ -128,7 +137,10 @@ impl Follow {
                 std::thread::sleep(THROTTLE_STEP);
                 continue;
             }
-            if !over && self.exceeded.swap(false, Ordering::AcqRel) {
+            // Recovered once well under the bound, so that a mirror that
+            // keeps writers at the bound raises one event, not one per wait.
+            let under = lag.seconds <= bound / 2.0 && ahead <= bound / 2.0;
+            if under && self.exceeded.swap(false, Ordering::AcqRel) {
                 on_change(false, lag);
             }
             return;

@@ -315,6 +315,21 @@ impl Engine {
         self.follow.get().map(|f| f.log.lag()).unwrap_or_default()
     }
 
+    /// Async mode: the records the shipper applied to the mirror since the
+    /// mount, re-sent ones included (zero otherwise).
+    pub fn shipped(&self) -> u64 {
+        self.follow
+            .get()
+            .and_then(|f| {
+                f.shipper
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .as_ref()
+                    .map(|s| s.shipped())
+            })
+            .unwrap_or(0)
+    }
+
     /// Async mode: true while the mirror can take what the shipper brings.
     /// A shipper stuck in one call on the mirror for `side_timeout` takes
     /// the mirror down (ETIMEDOUT), so that writers held by the lag bound
@@ -414,20 +429,58 @@ impl Engine {
         if size <= f.max_log {
             return;
         }
-        if self
-            .journal_missed(Side::Mirror, &[crate::journal::tree(Path::new(""))])
-            .is_err()
-        {
-            return;
+        if self.drop_log(f).is_ok() {
+            log::warn!(
+                "side=mirror the change log passed max_log ({size} > {} bytes) while the mirror is out of service: it is dropped, and the mirror will be resynced whole; the mount runs in sync mode until it is mounted again",
+                f.max_log
+            );
         }
+    }
+
+    /// Async mode: a change made on the primary could not be appended to
+    /// the log (the primary's disk refused the record). The log no longer
+    /// tells the primary's history, so it is dropped as past `max_log`,
+    /// and the mirror is taken out of service to be resynced whole when
+    /// its probe brings it back. The change itself stands: Ok, unless the
+    /// mirror's missed changes cannot be recorded either.
+    pub fn abandon_log(&self, e: &io::Error) -> io::Result<()> {
+        let Some(f) = self.follow.get() else {
+            return Ok(());
+        };
+        if f.overflowed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        log::error!(
+            "side=primary cannot append to the change log ({e}): it is dropped, and the mirror will be resynced whole; the mount runs in sync mode until it is mounted again"
+        );
+        // The log is useless now: its space goes first (a full disk is the
+        // usual cause), then the journal takes over from it.
+        Self::remove_log(f);
+        self.side_failed(Side::Mirror, "changelog", e.raw_os_error(), Subject::Mount);
+        self.journal_missed(Side::Mirror, &[crate::journal::tree(Path::new(""))])
+    }
+
+    /// Records the mirror's whole tree as missed, then stops shipping and
+    /// removes the log: from here the mount runs as in sync mode.
+    fn drop_log(&self, f: &follow::Follow) -> io::Result<()> {
+        self.journal_missed(Side::Mirror, &[crate::journal::tree(Path::new(""))])?;
         f.overflowed.store(true, Ordering::Release);
+        Self::remove_log(f);
+        Ok(())
+    }
+
+    fn remove_log(f: &follow::Follow) {
         if let Some(s) = f.shipper.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
             s.stop(Duration::ZERO);
         }
-        log::warn!(
-            "side=mirror the change log passed max_log ({size} > {} bytes) while the mirror is out of service: it is dropped, and the mirror will be resynced whole; the mount runs in sync mode until it is mounted again",
-            f.max_log
-        );
+        // Emptied first: the log and the shipper keep segments open, and an
+        // open file's blocks are not freed by its removal.
+        for e in std::fs::read_dir(f.log.dir()).into_iter().flatten().flatten() {
+            let _ = std::fs::OpenOptions::new()
+                .write(true)
+                .open(e.path())
+                .and_then(|file| file.set_len(0));
+        }
         if let Err(e) = std::fs::remove_dir_all(f.log.dir()) {
             log::warn!("cannot remove the change log: {e}");
         }
@@ -458,13 +511,27 @@ impl Engine {
         };
         let probe = crate::changelog::Log::open(&dir, 0)?;
         let from = match position {
-            Some(p) if p.log_id == probe.id() => p.seq,
+            Some(p) if p.log_id == probe.id() && p.seq + 1 >= probe.first_held()? => p.seq,
+            Some(p) if p.log_id == probe.id() => {
+                // Never so when the log is only dropped behind a durable
+                // position; a mirror put back from an older copy may be.
+                // It is resynced whole, and this mount runs as in sync mode.
+                log::warn!(
+                    "side=mirror its position ({}) is behind what the change log still holds: the log is dropped, the mirror will be resynced whole, and the mount runs in sync mode",
+                    p.seq
+                );
+                self.journal_missed(Side::Mirror, &[crate::journal::tree(Path::new(""))])?;
+                drop(probe);
+                std::fs::remove_dir_all(&dir)?;
+                return Ok(());
+            }
             // A mirror that never followed this log starts at its end: it
             // was made identical by the sync mount or resync before it.
             _ => probe.last(),
         };
         drop(probe);
         let log = Arc::new(crate::changelog::Log::open(&dir, from)?);
+        let started = Instant::now();
         if let Some(v) = &mirror {
             shipper::write_position(
                 v,
@@ -475,14 +542,18 @@ impl Engine {
                 true,
             )?;
         }
-        let f = Arc::new(follow::Follow::new(log.clone(), max_lag, max_log));
         let s = shipper::Shipper::start(
             log.clone(),
             log.id(),
             from,
             Arc::new(EngineMirror(Arc::downgrade(self))),
         )?;
-        *f.shipper.lock().unwrap_or_else(|e| e.into_inner()) = Some(s);
+        // Until records are measured, each is expected to cost what that
+        // durable write did (a few round trips to a distant mirror).
+        if mirror.is_some() {
+            s.expect(started.elapsed());
+        }
+        let f = Arc::new(follow::Follow::new(log.clone(), s, max_lag, max_log));
         self.follow
             .set(f)
             .map_err(|_| io::Error::new(io::ErrorKind::AlreadyExists, "async mode started twice"))
@@ -1390,6 +1461,16 @@ impl shipper::Mirror for EngineMirror {
         if let Some(e) = self.0.upgrade() {
             e.health.count_error(Side::Mirror, op);
             e.side_failed(Side::Mirror, op, Some(errno), Subject::Path(path));
+        }
+    }
+
+    fn caught_up(&self) {
+        // Writers are no longer held: the bound is met, whoever comes next.
+        if let Some(e) = self.0.upgrade()
+            && let Some(f) = e.follow.get()
+            && f.exceeded.swap(false, Ordering::AcqRel)
+        {
+            e.lag_event(false, f.log.lag());
         }
     }
 

@@ -120,6 +120,8 @@ pub trait Mirror: Send + Sync + 'static {
     /// Applying `op` failed with an ordinary error: the mirror's tree is not
     /// what the primary's was; `path` must be resynced.
     fn diverged(&self, op: &'static str, errno: i32, path: &Path);
+    /// The mirror has every record and it is durable there.
+    fn caught_up(&self) {}
 }
 
 /// The state shared between the shipping thread and the engine.
@@ -136,6 +138,10 @@ struct Shared {
     durable: AtomicU64,
     /// Records applied since the shipper started (for tests and status).
     shipped: AtomicU64,
+    /// What one record costs to ship, in ns: a moving average of each
+    /// record's time (its apply, the position and checkpoint after it).
+    /// Read by the lag bound to foresee how long the backlog will take.
+    pace: Arc<AtomicU64>,
 }
 
 /// The shipping thread.
@@ -157,6 +163,7 @@ impl Shipper {
             applied: AtomicU64::new(from),
             durable: AtomicU64::new(from),
             shipped: AtomicU64::new(0),
+            pace: Arc::new(AtomicU64::new(0)),
         });
         let s = shared.clone();
         let thread = thread::Builder::new()
@@ -176,6 +183,21 @@ impl Shipper {
     /// Records applied since the shipper started.
     pub fn shipped(&self) -> u64 {
         self.shared.shipped.load(Ordering::Relaxed)
+    }
+
+    /// The cost of shipping one record, in ns, as it is measured (0 until
+    /// a first record or `expect` gives it).
+    pub fn pace(&self) -> Arc<AtomicU64> {
+        self.shared.pace.clone()
+    }
+
+    /// Sets the expected cost of one record before any is measured (the
+    /// time of a small durable write on the mirror).
+    pub fn expect(&self, per_record: Duration) {
+        let _ = self
+            .shared
+            .pace
+            .compare_exchange(0, per_record.as_nanos() as u64, Ordering::AcqRel, Ordering::Acquire);
     }
 
     /// How long the call in progress on the mirror has run, if one is.
@@ -296,6 +318,7 @@ fn ship(s: &Shared, mirror: &dyn Mirror) {
                 if s.durable.load(Ordering::Acquire) < at && !checkpoint_at(s, mirror, &v, at) {
                     continue;
                 }
+                mirror.caught_up();
                 s.log.wait_after(at, IDLE);
                 continue;
             }
@@ -306,6 +329,7 @@ fn ship(s: &Shared, mirror: &dyn Mirror) {
                 continue;
             }
         };
+        let started = Instant::now();
         if !apply(s, mirror, &v, &record, again, &mut files) {
             // The mirror failed: shipping resumes from the position.
             reader = s.log.reader(s.applied.load(Ordering::Acquire));
@@ -322,20 +346,26 @@ fn ship(s: &Shared, mirror: &dyn Mirror) {
                 checkpoint = Instant::now();
             }
         } else if due {
-            match write_position(&v, Position { log_id: s.log_id, seq }, false) {
+            match busy(s, || write_position(&v, Position { log_id: s.log_id, seq }, false)) {
                 Ok(()) => written = seq,
                 Err(e) => report(mirror, "position", &e, &position_path()),
             }
         }
+        measured(&s.pace, started.elapsed());
     }
+}
+
+/// Folds one record's time into the moving average (weight 1/8).
+fn measured(pace: &AtomicU64, took: Duration) {
+    let took = took.as_nanos() as u64;
+    let old = pace.load(Ordering::Relaxed);
+    let new = if old == 0 { took } else { old - old / 8 + took / 8 };
+    pace.store(new.max(1), Ordering::Relaxed);
 }
 
 /// Applies one record under the watchdog's eye; false if the mirror failed.
 fn apply(s: &Shared, mirror: &dyn Mirror, v: &Volume, r: &Record, again: bool, files: &mut KeptFiles) -> bool {
-    s.busy_since
-        .store(s.epoch.elapsed().as_nanos() as u64 + 1, Ordering::Release);
-    let res = r.change.apply_with(v, again, files);
-    s.busy_since.store(0, Ordering::Release);
+    let res = busy(s, || r.change.apply_with(v, again, files));
     if s.stop.load(Ordering::Acquire) {
         // Replaced while this call hung: what it did is the new shipper's
         // to redo; nothing more is recorded here.
@@ -361,12 +391,23 @@ fn apply(s: &Shared, mirror: &dyn Mirror, v: &Volume, r: &Record, again: bool, f
     true
 }
 
+/// Runs `f`, a call on the mirror, timed for `Shipper::busy_for` (a call
+/// that hangs is seen by the engine, which takes the mirror down).
+fn busy<T>(s: &Shared, f: impl FnOnce() -> T) -> T {
+    s.busy_since
+        .store(s.epoch.elapsed().as_nanos() as u64 + 1, Ordering::Release);
+    let r = f();
+    s.busy_since.store(0, Ordering::Release);
+    r
+}
+
 /// Makes everything applied up to `seq` durable on the mirror, records the
 /// position durably, and drops the log's segments before it.
 fn checkpoint_at(s: &Shared, mirror: &dyn Mirror, v: &Volume, seq: u64) -> bool {
-    let r = v
-        .syncfs()
-        .and_then(|()| write_position(v, Position { log_id: s.log_id, seq }, true));
+    let r = busy(s, || {
+        v.syncfs()
+            .and_then(|()| write_position(v, Position { log_id: s.log_id, seq }, true))
+    });
     if let Err(e) = r {
         report(mirror, "checkpoint", &e, &position_path());
         return false;

@@ -4,16 +4,17 @@
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::common::{BIN, Mounted, noise, ok, run};
+use crate::common::{BIN, Mounted, noise, ok, open_tempdir, run};
 use crate::failover::{side_of, status_json};
 use crate::faults::{Sshfs, write_synced};
+use crate::workloads::{PgServer, as_postgres, assert_checksums, assert_pgbench_invariant, chown_postgres_0700};
 
 /// Waits until the mirror is up and has every change (lag 0).
 fn wait_drained(mnt: &Path, limit: Duration) -> Value {
@@ -146,6 +147,10 @@ fn a_hung_mirror_holds_writers_at_most_side_timeout_and_shipping_resumes_when_it
     s.resume();
     let st = wait_drained(&m.mnt, Duration::from_secs(60));
     assert!(events(&st).contains(&"side_up".to_string()), "{st:#}");
+    // Brought back from the log: the journal of missed changes is empty,
+    // so the catch-up pass examines no file and copies nothing.
+    assert_eq!(st["last_resync"]["files"], 0, "{st:#}");
+    assert_eq!(st["resync_bytes_copied"], 0, "{st:#}");
     for j in 0..i {
         assert_eq!(
             fs::read(s.side().join(format!("during{j}"))).unwrap(),
@@ -245,24 +250,421 @@ fn killed_with_lag_it_resumes_shipping_from_the_position_or_drains_at_a_sync_mou
 #[test]
 fn past_max_log_with_the_mirror_down_the_log_gives_way_to_a_resync() {
     let test = "past_max_log_with_the_mirror_down_the_log_gives_way_to_a_resync";
-    let Some(m) = Mounted::new(test, "async,max_log=256K") else {
+    if !crate::common::fuse_available(test) {
+        return;
+    }
+    let s = Sshfs::new();
+    let opts = "async,max_log=256K,max_lag=0.5,side_timeout=1,probe_interval=0.5";
+    let Some(m) = Mounted::on_sides(test, None, Some(&s.side()), opts) else {
         return;
     };
+    let _resume = s.resume_on_drop();
     write_synced(&m.path("before"), b"before").unwrap();
     wait_drained(&m.mnt, Duration::from_secs(20));
-    ok(Command::new(BIN).arg("fail").arg(&m.mnt).arg("mirror"));
-    for i in 0..4u64 {
+    s.hang();
+    // Writers are held past max_lag until the stuck shipper has spent
+    // side_timeout on one call; then the mirror is DOWN and the log grows.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut i = 0u64;
+    let mut after_down = 0;
+    while after_down < 4 {
         write_synced(&m.path(&format!("while-down{i}")), &noise(128 << 10, i)).unwrap();
+        i += 1;
+        if side_of(&status_json(&m.mnt).1, "mirror")["state"] == "DOWN" {
+            after_down += 1;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the hung mirror is not DOWN after 15 s of writes"
+        );
     }
+    let (_, st) = status_json(&m.mnt);
     assert!(
         !m.primary.join(".mirrorfs/changelog").exists(),
         "the log outgrew max_log and was kept"
     );
-    let (_, st) = status_json(&m.mnt);
     assert!(st["pending_paths"].as_u64().unwrap_or(0) > 0, "{st:#}");
-    ok(Command::new(BIN).args(["resync", "--wait"]).arg(&m.mnt));
-    let (_, st) = status_json(&m.mnt);
+    // Back: the missed-change journal brings it up to date with a resync.
+    s.resume();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let st = loop {
+        let (code, st) = status_json(&m.mnt);
+        if code == 0 && st["state"] == "HEALTHY" && st["last_resync"]["ok"] == true {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "no resync to HEALTHY in 60 s: {st:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(events(&st).contains(&"resync_started".to_string()), "{st:#}");
+    assert!(
+        st["resync_bytes_copied"].as_u64().unwrap_or(0) >= 4 * (128 << 10),
+        "{st:#}"
+    );
+    for j in 0..i {
+        assert_eq!(
+            fs::read(s.side().join(format!("while-down{j}"))).unwrap(),
+            noise(128 << 10, j)
+        );
+    }
+    m.assert_identical();
+    m.finish();
+}
+
+/// A mirror slower than the work: over a link with 20 ms each way, a
+/// writer of fsync'd files outruns the shipper. The writer is held, and the
+/// lag (sampled every 20 ms until the mirror has everything) stays within
+/// max_lag and what the shipper applies in a second (its checkpoint
+/// period: a batch).
+#[test]
+fn with_a_slow_mirror_writers_are_held_and_the_lag_stays_bounded() {
+    let test = "with_a_slow_mirror_writers_are_held_and_the_lag_stays_bounded";
+    if !crate::common::fuse_available(test) {
+        return;
+    }
+    const MAX_LAG: f64 = 1.0;
+    let s = Sshfs::with_delay(Some(Duration::from_millis(20)));
+    let Some(m) = Mounted::on_sides(test, None, Some(&s.side()), "async,max_lag=1") else {
+        return;
+    };
+    wait_drained(&m.mnt, Duration::from_secs(30));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (stop, dir) = (stop.clone(), m.mnt.clone());
+        std::thread::spawn(move || {
+            let (mut n, mut slowest) = (0u64, Duration::ZERO);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let t = Instant::now();
+                write_synced(&dir.join(format!("w{}", n % 64)), &noise(8 << 10, n)).unwrap();
+                slowest = slowest.max(t.elapsed());
+                n += 1;
+            }
+            (n, slowest)
+        })
+    };
+    let started = Instant::now();
+    let mut highest = 0f64;
+    while started.elapsed() < Duration::from_secs(8) {
+        let (_, st) = status_json(&m.mnt);
+        highest = highest.max(st["lag_seconds"].as_f64().unwrap_or(0.0));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (writes, slowest) = writer.join().unwrap();
+    // And until the mirror has it all: the lag is highest at the end of
+    // the backlog.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let st = loop {
+        let (_, st) = status_json(&m.mnt);
+        highest = highest.max(st["lag_seconds"].as_f64().unwrap_or(0.0));
+        if st["lag_ops"] == 0 {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not drained 60 s after the writer stopped: {st:#}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    eprintln!("{test}: {writes} writes in 8 s, slowest {slowest:?}; highest lag {highest:.3} s; {st}");
+    assert!(
+        events(&st).contains(&"lag_exceeded".to_string()),
+        "the writer never outran the mirror: {st:#}"
+    );
+    assert!(
+        highest <= MAX_LAG + 1.0,
+        "the lag reached {highest:.3} s with max_lag={MAX_LAG}"
+    );
     assert_eq!(side_of(&st, "mirror")["state"], "UP", "{st:#}");
+    assert!(events(&st).contains(&"lag_recovered".to_string()), "{st:#}");
+    m.assert_identical();
+    m.finish();
+}
+
+/// Records re-sent after a kill: the daemon is killed while the shipper is
+/// held inside a call on the mirror (sshfs stopped), so that what it had
+/// applied is known exactly (the log's end less `lag_ops`). The next mount
+/// applies `shipped_ops` records to drain the log; those beyond the lag at
+/// the kill were on the mirror already.
+#[test]
+fn killed_while_shipping_it_resends_at_most_one_batch() {
+    let test = "killed_while_shipping_it_resends_at_most_one_batch";
+    if !crate::common::fuse_available(test) {
+        return;
+    }
+    const BATCH: u64 = 256;
+    let s = Sshfs::with_delay(Some(Duration::from_millis(5)));
+    let opts = "async,max_lag=600,side_timeout=600";
+    let Some(mut m) = Mounted::on_sides(test, None, Some(&s.side()), opts) else {
+        return;
+    };
+    let _resume = s.resume_on_drop();
+    wait_drained(&m.mnt, Duration::from_secs(30));
+    for i in 0..300u64 {
+        fs::write(m.path(&format!("f{i}")), noise(1024, i)).unwrap();
+        if i % 40 == 39 {
+            // A barrier now and then: the shipper checkpoints at most once
+            // a second, so the position is not only ever the drain's.
+            OpenOptions::new()
+                .write(true)
+                .open(m.path(&format!("f{i}")))
+                .unwrap()
+                .sync_all()
+                .unwrap();
+        }
+    }
+    // Held while it has shipped more than a batch, with more to go.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (_, st) = status_json(&m.mnt);
+        if st["shipped_ops"].as_u64().unwrap_or(0) > BATCH {
+            assert!(
+                st["lag_ops"].as_u64().unwrap_or(0) > 0,
+                "drained before the hang: {st:#}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the shipper did not ship a batch in 120 s: {st:#}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    s.hang();
+    std::thread::sleep(Duration::from_millis(500));
+    let (_, before) = status_json(&m.mnt);
+    std::thread::sleep(Duration::from_millis(300));
+    let (_, still) = status_json(&m.mnt);
+    assert_eq!(
+        before["lag_ops"], still["lag_ops"],
+        "the shipper moved with sshfs stopped"
+    );
+    let lag = before["lag_ops"].as_u64().unwrap();
+    let shipped = before["shipped_ops"].as_u64().unwrap();
+    assert!(lag > 0, "{before:#}");
+    // The shipper's thread waits in the kernel for sshfs: SIGKILL first,
+    // then let sshfs answer so that the daemon can end.
+    let pid = nix::unistd::Pid::from_raw(m.daemon_pid().expect("daemon") as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    s.resume();
+    m.kill9();
+    m.respawn(opts);
+    let after = wait_drained(&m.mnt, Duration::from_secs(120));
+    let again = after["shipped_ops"].as_u64().unwrap();
+    let resent = again
+        .checked_sub(lag)
+        .unwrap_or_else(|| panic!("{again} records shipped after the restart, fewer than the {lag} the mirror lacked"));
+    eprintln!(
+        "{test}: shipped {shipped} before the kill, {lag} left; after the restart {again} shipped: {resent} re-sent"
+    );
+    assert!(
+        resent <= BATCH,
+        "re-sent {resent} records after the kill (a batch is {BATCH}; {shipped} had been shipped)"
+    );
+    m.assert_identical();
+    m.finish();
+}
+
+/// A small xorshift: the moments of the kills, from a seed printed first.
+struct Moments(u64);
+
+impl Moments {
+    fn next_ms(&mut self, lo: u64, hi: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        lo + self.0 % (hi - lo)
+    }
+}
+
+/// pgbench -c 4 through the mount, in the background, output discarded
+/// (its clients fail when the mount dies under them).
+fn pgbench_load(pg: &PgServer) -> std::process::Child {
+    as_postgres("pgbench")
+        .arg("-h")
+        .arg(&pg.sockdir)
+        .args(["-p", &pg.port.to_string()])
+        // -n: no VACUUM and, above all, no TRUNCATE of pgbench_history
+        // at the start, so that the invariant holds across the rounds.
+        .args(["-n", "-c", "4", "-j", "2", "-T", "600", "postgres"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn pgbench")
+}
+
+/// PostgreSQL started on a copy of `side` (as it is now) recovers; the
+/// pgbench invariant holds and every page's checksum is right. Returns the
+/// history's rows.
+fn check_cluster_copy(side: &Path, scratch: &Path, what: &str) -> u64 {
+    let copy = scratch.join("cluster");
+    if copy.exists() {
+        fs::remove_dir_all(&copy).unwrap();
+    }
+    fs::create_dir(&copy).unwrap();
+    ok(Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", side.display()))
+        .arg(&copy));
+    chown_postgres_0700(&copy);
+    // The killed postmaster's pid may linger as an unreaped zombie here;
+    // after a real crash no process has it, and PostgreSQL goes on.
+    let _ = fs::remove_file(copy.join("postmaster.pid"));
+    let sock = open_tempdir();
+    fs::set_permissions(sock.path(), fs::Permissions::from_mode(0o777)).unwrap();
+    let mut pg = PgServer::start(&copy, sock.path());
+    let rows = assert_pgbench_invariant(&pg, what);
+    pg.stop();
+    assert_checksums(&copy);
+    rows
+}
+
+/// Ten crashes at random moments under pgbench, in async mode with the
+/// mirror (sshfs over a 10 ms link) behind. Each time the primary is
+/// treated as lost: PostgreSQL started on the mirror's directory alone
+/// recovers, pgbench's invariant holds, every checksum is right, and the
+/// mirror has no more history than the primary. Nine rounds kill -9 the
+/// daemon (and the server); the tenth fails the primary through the mount,
+/// which then stops serving.
+#[test]
+fn ten_crashes_under_pgbench_each_leave_a_mirror_postgres_recovers_from() {
+    let test = "ten_crashes_under_pgbench_each_leave_a_mirror_postgres_recovers_from";
+    if !crate::common::fuse_available(test) {
+        return;
+    }
+    let s = Sshfs::with_delay(Some(Duration::from_millis(10)));
+    crash_rounds(test, &s.side(), &s.remote_side(), "async,allow_other,max_lag=2", 10);
+}
+
+/// `rounds` crashes under pgbench on a mount of a new primary and
+/// `mirror` (whose directory is `backing` where the mirror's host has it).
+fn crash_rounds(test: &str, mirror: &Path, backing: &Path, opts: &str, rounds: u32) {
+    let work = open_tempdir();
+    let primary = work.path().join("primary");
+    fs::create_dir(&primary).unwrap();
+    chown_postgres_0700(&primary);
+    // The cluster is made before the mount and copied to the mirror, so
+    // that the pair starts identical without shipping initdb's files.
+    ok(as_postgres("initdb")
+        .args(["-k", "-A", "trust", "-U", "postgres", "-D"])
+        .arg(&primary));
+    let sock = open_tempdir();
+    fs::set_permissions(sock.path(), fs::Permissions::from_mode(0o777)).unwrap();
+    {
+        let mut pg = PgServer::start(&primary, sock.path());
+        pg.pgbench(&["-i", "-s", "2"]);
+        pg.stop();
+    }
+    ok(Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", primary.display()))
+        .arg(backing));
+    chown_postgres_0700(backing);
+    let Some(mut m) = Mounted::on_sides(test, Some(&primary), Some(mirror), opts) else {
+        return;
+    };
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    eprintln!("{test}: seed {seed}");
+    let mut moments = Moments(seed);
+    let mut pg = PgServer::start(&m.mnt, sock.path());
+    for round in 1..=rounds {
+        let mut load = pgbench_load(&pg);
+        std::thread::sleep(Duration::from_millis(moments.next_ms(500, 4000)));
+        // Lag present: the mirror lacks changes at the crash.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let lag = loop {
+            let (_, st) = status_json(&m.mnt);
+            if st["lag_ops"].as_u64().unwrap_or(0) > 0 || st["mode"] == "sync" {
+                break st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: no lag in 30 s of pgbench: {st:#}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let last = round == rounds && lag["mode"] == "async";
+        if last {
+            ok(Command::new(BIN).arg("fail").arg(&m.mnt).arg("primary"));
+            let (code, st) = status_json(&m.mnt);
+            assert_eq!(code, 2, "{st:#}");
+            assert!(st["lost_ops"].as_u64().unwrap_or(0) > 0, "{st:#}");
+        } else {
+            m.kill9();
+        }
+        pg.kill9();
+        let _ = load.kill();
+        let _ = load.wait();
+        let lost = |st: &Value| st["lag_ops"].as_u64().unwrap_or(0);
+        let mirror_rows = check_cluster_copy(backing, work.path(), &format!("round {round}, the mirror"));
+        if last {
+            m.unmount();
+            let _ = fs::remove_file(primary.join("postmaster.pid"));
+            pg = PgServer::start(&primary, sock.path());
+        } else {
+            m.respawn(opts);
+            // As on the copy: the killed server's pid file, through the mount.
+            let _ = fs::remove_file(m.path("postmaster.pid"));
+            pg = PgServer::start(&m.mnt, sock.path());
+        }
+        let primary_rows = assert_pgbench_invariant(&pg, &format!("round {round}, the primary"));
+        eprintln!(
+            "{test}: round {round}: {} changes ({:.3} s) behind at the crash; history rows: mirror {mirror_rows}, primary {primary_rows}",
+            lost(&lag),
+            lag["lag_seconds"].as_f64().unwrap_or(0.0)
+        );
+        assert!(
+            mirror_rows <= primary_rows,
+            "round {round}: the mirror has {mirror_rows} history rows, the primary {primary_rows}"
+        );
+    }
+    pg.stop();
+}
+
+/// The primary's disk refuses a record after the change it describes was
+/// made (a small tmpfs: the data fits, its copy in the log does not). The
+/// change stands, the log gives way to the journal of missed changes, the
+/// mirror goes down and is resynced from the primary, and the sides end
+/// identical.
+#[test]
+fn a_record_the_primary_cannot_take_hands_the_mirror_to_a_resync() {
+    let test = "a_record_the_primary_cannot_take_hands_the_mirror_to_a_resync";
+    if !crate::common::fuse_available(test) {
+        return;
+    }
+    let t = crate::faults::SmallTmpfs::new("8m");
+    let Some(m) = Mounted::on_sides(test, Some(&t.side()), None, "async,probe_interval=0.5") else {
+        return;
+    };
+    // 3 MiB of data and 3 MiB of log: 2 MiB left.
+    write_synced(&m.path("a"), &noise(3 << 20, 1)).unwrap();
+    wait_drained(&m.mnt, Duration::from_secs(30));
+    // 1.5 MiB fits as data; its records do not.
+    write_synced(&m.path("b"), &noise(3 << 19, 2)).unwrap();
+    assert!(
+        !t.side().join(".mirrorfs/changelog").exists(),
+        "the log that could not take a record was kept"
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let st = loop {
+        let (code, st) = status_json(&m.mnt);
+        if code == 0 && st["state"] == "HEALTHY" && st["last_resync"]["ok"] == true {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "no resync to HEALTHY in 60 s: {st:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let down = st["last_events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["event"] == "side_down" && e["op"] == "changelog" && e["errno"] == "ENOSPC");
+    assert!(down, "no side_down of the mirror for the change log: {st:#}");
+    assert_eq!(fs::read(m.mirror.join("b")).unwrap(), noise(3 << 19, 2));
     m.assert_identical();
     m.finish();
 }

@@ -67,6 +67,18 @@ pub fn unmount_or_detach(mnt: &Path) -> Output {
     out
 }
 
+/// True when the daemon `pid` answers `status` for `mnt`.
+fn answers(mnt: &Path, pid: u64) -> bool {
+    let out = run_within(
+        Command::new(BIN).args(["status", "--json"]).arg(mnt),
+        Duration::from_secs(10),
+    );
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .ok()
+        .and_then(|v| v["pid"].as_u64())
+        == Some(pid)
+}
+
 /// A mirrorfs mount over `<tmp>/primary|<tmp>/mirror` at `<tmp>/mnt`, served
 /// by a foreground daemon that this fixture started and ends.
 pub struct Mounted {
@@ -151,17 +163,21 @@ impl Mounted {
     }
 
     /// Starts `mirrorfs mount -f [-o opts]` on this pair and waits until the
-    /// mount appears.
+    /// mount appears and its daemon answers status (the control socket is
+    /// made a moment after the kernel's mount, as `mount` without -f
+    /// waits for before it returns).
     fn spawn(&mut self, opts: &str) {
         let spec = format!("{}|{}", self.primary.display(), self.mirror.display());
-        self.child = Some(self.mount_command(opts).spawn().expect("spawn mirrorfs"));
+        let child = self.mount_command(opts).spawn().expect("spawn mirrorfs");
+        let pid = u64::from(child.id());
+        self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !is_mounted(&self.mnt) {
+        while !is_mounted(&self.mnt) || !answers(&self.mnt, pid) {
             if let Some(st) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 self.child = None;
                 panic!("mirrorfs mount -f -o '{opts}' '{spec}' exited before mounting: {st}");
             }
-            assert!(Instant::now() < deadline, "mount did not appear within 20 s");
+            assert!(Instant::now() < deadline, "mount did not appear and answer within 20 s");
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -197,14 +213,7 @@ impl Mounted {
                 let _ = old.wait();
                 panic!("the mount right after kill -9 exited: {st} (its message is above)");
             }
-            let out = run_within(
-                Command::new(BIN).args(["status", "--json"]).arg(&self.mnt),
-                Duration::from_secs(10),
-            );
-            let pid = serde_json::from_slice::<serde_json::Value>(&out.stdout)
-                .ok()
-                .and_then(|v| v["pid"].as_u64());
-            if pid == Some(u64::from(new.id())) {
+            if answers(&self.mnt, u64::from(new.id())) {
                 break;
             }
             if Instant::now() > deadline {

@@ -89,7 +89,7 @@ pub fn write_synced(path: &Path, data: &[u8]) -> io::Result<()> {
 }
 
 /// All descendants of `pid` (children of each of its threads, recursively).
-fn descendants(pid: i32) -> Vec<i32> {
+pub(crate) fn descendants(pid: i32) -> Vec<i32> {
     let mut out = Vec::new();
     let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
         return out;
@@ -104,7 +104,7 @@ fn descendants(pid: i32) -> Vec<i32> {
     out
 }
 
-fn alive(pid: i32) -> bool {
+pub(crate) fn alive(pid: i32) -> bool {
     // A zombie has finished; it is its parent's to reap.
     fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|s| {

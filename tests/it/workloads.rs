@@ -227,6 +227,8 @@ pub(crate) struct PgServer {
     pub(crate) sockdir: PathBuf,
     pub(crate) port: u16,
     pub(crate) log: PathBuf,
+    /// The postmaster, from `postmaster.pid` once it started.
+    pid: i32,
     running: bool,
 }
 
@@ -240,6 +242,7 @@ impl PgServer {
             sockdir: sockdir.to_path_buf(),
             port,
             log,
+            pid: 0,
             running: true,
         };
         let out = run(as_postgres("pg_ctl")
@@ -257,7 +260,31 @@ impl PgServer {
             );
         }
         s.running = true;
+        let pidfile = std::fs::read_to_string(data.join("postmaster.pid")).unwrap_or_default();
+        s.pid = pidfile.lines().next().and_then(|l| l.trim().parse().ok()).unwrap_or(0);
+        assert!(s.pid > 0, "no postmaster pid in {}/postmaster.pid", data.display());
         s
+    }
+
+    /// SIGKILL to the postmaster and every process under it (a crash of the
+    /// machine, as PostgreSQL sees it); returns once they are gone.
+    pub(crate) fn kill9(&mut self) {
+        use nix::sys::signal::{Signal, kill};
+        use nix::unistd::Pid;
+        self.running = false;
+        let mut all = crate::faults::descendants(self.pid);
+        all.push(self.pid);
+        for &p in &all {
+            let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while all.iter().any(|&p| crate::faults::alive(p)) {
+            assert!(
+                Instant::now() < deadline,
+                "postgres processes {all:?} outlived SIGKILL by 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub(crate) fn pgbench(&self, args: &[&str]) -> String {
@@ -519,16 +546,42 @@ fn diagnostics(mnt: &Path) -> String {
     )
 }
 
-/// One value from psql -At.
-fn psql_value(pg: &PgServer, sql: &str) -> u64 {
+/// What psql -At prints for `sql`, trimmed.
+pub(crate) fn psql_text(pg: &PgServer, sql: &str) -> String {
     let out = ok(as_postgres("psql")
         .arg("-h")
         .arg(&pg.sockdir)
         .args(["-p", &pg.port.to_string(), "-U", "postgres"])
         .args(["-At", "-X", "-v", "ON_ERROR_STOP=1"])
         .args(["-c", sql, "postgres"]));
-    let s = String::from_utf8_lossy(&out.stdout);
-    s.trim().parse().unwrap_or_else(|e| panic!("psql {sql:?}: {e}: {s:?}"))
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// One count from psql -At.
+pub(crate) fn psql_value(pg: &PgServer, sql: &str) -> u64 {
+    let s = psql_text(pg, sql);
+    s.parse().unwrap_or_else(|e| panic!("psql {sql:?}: {e}: {s:?}"))
+}
+
+/// pgbench's invariant: the balances of accounts, tellers and branches
+/// each sum to the deltas in its history. Returns the history's rows.
+pub(crate) fn assert_pgbench_invariant(pg: &PgServer, what: &str) -> u64 {
+    let delta = psql_text(pg, "SELECT coalesce(sum(delta), 0) FROM pgbench_history");
+    for (table, column) in [
+        ("pgbench_accounts", "abalance"),
+        ("pgbench_tellers", "tbalance"),
+        ("pgbench_branches", "bbalance"),
+    ] {
+        let sum = psql_text(pg, &format!("SELECT coalesce(sum({column}), 0) FROM {table}"));
+        assert_eq!(
+            sum,
+            delta,
+            "{what}: sum({table}.{column}) against sum(pgbench_history.delta) ({} history rows)\n--- server log ---\n{}",
+            psql_text(pg, "SELECT count(*) FROM pgbench_history"),
+            std::fs::read_to_string(&pg.log).unwrap_or_default()
+        );
+    }
+    psql_value(pg, "SELECT count(*) FROM pgbench_history")
 }
 
 /// What a pgbench run's output says about its clients.
