@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use xxhash_rust::xxh3::xxh3_64;
 
-use crate::changelog::{Change, KeptFiles, Log, Record};
+use crate::changelog::{Change, KeptFiles, Log, Reader, Record};
 use crate::health::is_side_failure;
 use crate::volume::{self, META_DIR, Owner, Volume};
 
@@ -138,6 +138,8 @@ struct Shared {
     durable: AtomicU64,
     /// Records applied since the shipper started (for tests and status).
     shipped: AtomicU64,
+    /// Of those, the times not sent because a later record set them again.
+    skipped: AtomicU64,
     /// What one record costs to ship, in ns: a moving average of each
     /// record's time (its apply, the position and checkpoint after it).
     /// Read by the lag bound to foresee how long the backlog will take.
@@ -163,6 +165,7 @@ impl Shipper {
             applied: AtomicU64::new(from),
             durable: AtomicU64::new(from),
             shipped: AtomicU64::new(0),
+            skipped: AtomicU64::new(0),
             pace: Arc::new(AtomicU64::new(0)),
         });
         let s = shared.clone();
@@ -183,6 +186,11 @@ impl Shipper {
     /// Records applied since the shipper started.
     pub fn shipped(&self) -> u64 {
         self.shared.shipped.load(Ordering::Relaxed)
+    }
+
+    /// Times records not sent because a later one set them again.
+    pub fn skipped(&self) -> u64 {
+        self.shared.skipped.load(Ordering::Relaxed)
     }
 
     /// The cost of shipping one record, in ns, as it is measured (0 until
@@ -290,7 +298,7 @@ fn op_name(c: &Change) -> &'static str {
 fn ship(s: &Shared, mirror: &dyn Mirror) {
     // The first record after the position may be on the mirror already.
     let mut again = true;
-    let mut reader = s.log.reader(s.applied.load(Ordering::Acquire));
+    let mut reader = Ahead::new(s.log.reader(s.applied.load(Ordering::Acquire)));
     let mut written = reader.position();
     let mut checkpoint = Instant::now();
     let mut files = KeptFiles::default();
@@ -300,7 +308,7 @@ fn ship(s: &Shared, mirror: &dyn Mirror) {
             // Out of service: start again from the position when it is back.
             files.clear();
             s.log.wait_after(u64::MAX - 1, IDLE);
-            reader = s.log.reader(s.applied.load(Ordering::Acquire));
+            reader = Ahead::new(s.log.reader(s.applied.load(Ordering::Acquire)));
             again = true;
             continue;
         };
@@ -325,18 +333,25 @@ fn ship(s: &Shared, mirror: &dyn Mirror) {
             Err(e) => {
                 log::error!("the change log cannot be read: {e}");
                 s.log.wait_after(u64::MAX - 1, IDLE);
-                reader = s.log.reader(s.applied.load(Ordering::Acquire));
+                reader = Ahead::new(s.log.reader(s.applied.load(Ordering::Acquire)));
                 continue;
             }
         };
         let started = Instant::now();
-        if !apply(s, mirror, &v, &record, again, &mut files) {
+        // Times a later record sets again are not sent: on a network
+        // mirror a utimensat costs two round trips, and the writeback
+        // cache sends one before each fsync of a written file.
+        let skip = reader.superseded(&record.change);
+        if !apply(s, mirror, &v, &record, again, &mut files, skip) {
             // The mirror failed: shipping resumes from the position.
-            reader = s.log.reader(s.applied.load(Ordering::Acquire));
+            reader = Ahead::new(s.log.reader(s.applied.load(Ordering::Acquire)));
             again = true;
             continue;
         }
-        again = false;
+        // Until the first rename or link after the position is re-applied,
+        // it may have been applied before: the position is written right
+        // after each of them, never before.
+        again = again && record.change.replays_safely();
         let seq = record.seq;
         let due = !record.change.replays_safely() || seq - written >= BATCH;
         let barrier = matches!(record.change, Change::Fsync { .. });
@@ -364,8 +379,22 @@ fn measured(pace: &AtomicU64, took: Duration) {
 }
 
 /// Applies one record under the watchdog's eye; false if the mirror failed.
-fn apply(s: &Shared, mirror: &dyn Mirror, v: &Volume, r: &Record, again: bool, files: &mut KeptFiles) -> bool {
-    let res = busy(s, || r.change.apply_with(v, again, files));
+/// `skip`: counted as applied without a call (superseded).
+fn apply(
+    s: &Shared,
+    mirror: &dyn Mirror,
+    v: &Volume,
+    r: &Record,
+    again: bool,
+    files: &mut KeptFiles,
+    skip: bool,
+) -> bool {
+    let res = if skip {
+        s.skipped.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    } else {
+        busy(s, || r.change.apply_with(v, again, files))
+    };
     if s.stop.load(Ordering::Acquire) {
         // Replaced while this call hung: what it did is the new shipper's
         // to redo; nothing more is recorded here.
@@ -389,6 +418,66 @@ fn apply(s: &Shared, mirror: &dyn Mirror, v: &Volume, r: &Record, again: bool, f
     s.shipped.fetch_add(1, Ordering::Relaxed);
     s.log.applied(r.seq);
     true
+}
+
+/// How many records the shipper reads ahead of the one it applies.
+const LOOKAHEAD: usize = 64;
+
+/// The log's reader with records read ahead, to see what a later record
+/// makes of an earlier one.
+struct Ahead {
+    reader: Reader,
+    buf: std::collections::VecDeque<Record>,
+}
+
+impl Ahead {
+    fn new(reader: Reader) -> Ahead {
+        Ahead {
+            reader,
+            buf: std::collections::VecDeque::new(),
+        }
+    }
+
+    fn read_next(&mut self) -> io::Result<Option<Record>> {
+        match self.buf.pop_front() {
+            Some(r) => Ok(Some(r)),
+            None => self.reader.read_next(),
+        }
+    }
+
+    /// The last record returned.
+    fn position(&self) -> u64 {
+        self.buf.front().map_or_else(|| self.reader.position(), |r| r.seq - 1)
+    }
+
+    /// True for a `Times` whose every time a later record, already in the
+    /// log, sets again before any record that could move its name: what
+    /// it sets is replaced before it matters. (Only times; the mirror
+    /// passes through the primary's states in everything else.)
+    fn superseded(&mut self, c: &Change) -> bool {
+        let Change::Times { path, atime, mtime } = c else {
+            return false;
+        };
+        while self.buf.len() < LOOKAHEAD {
+            match self.reader.read_next() {
+                Ok(Some(r)) => self.buf.push_back(r),
+                _ => break,
+            }
+        }
+        let sets = |t: &volume::SetTime| !matches!(t, volume::SetTime::Omit);
+        for r in &self.buf {
+            match &r.change {
+                Change::Times {
+                    path: p,
+                    atime: a,
+                    mtime: m,
+                } if p == path && (sets(a) || !sets(atime)) && (sets(m) || !sets(mtime)) => return true,
+                c if c.moves_names() || !c.replays_safely() => return false,
+                _ => {}
+            }
+        }
+        false
+    }
 }
 
 /// Runs `f`, a call on the mirror, timed for `Shipper::busy_for` (a call
@@ -538,6 +627,67 @@ mod tests {
             read_position(&v).unwrap() == Some(Position { log_id: 7, seq: last })
         });
         assert!(m.failures.lock().unwrap().is_empty());
+        assert!(m.divergences.lock().unwrap().is_empty());
+        assert!(shipper.stop(Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn times_set_again_later_are_not_sent_and_the_last_ones_stand() {
+        use crate::volume::SetTime;
+        let p = pair();
+        let log = Arc::new(Log::open(&p.primary.join(META_DIR).join(DIR), 0).unwrap());
+        let at = |secs| SetTime::At { secs, nanos: 0 };
+        for name in ["f", "g"] {
+            log.append(Change::Create {
+                path: name.into(),
+                mode: 0o644,
+                owner: owner(),
+            })
+            .unwrap();
+        }
+        for (i, t) in [1000, 2000, 3000].into_iter().enumerate() {
+            log.append(Change::Write {
+                path: "f".into(),
+                offset: i as u64,
+                data: vec![b'x'],
+            })
+            .unwrap();
+            log.append(Change::Times {
+                path: "f".into(),
+                atime: SetTime::Omit,
+                mtime: at(t),
+            })
+            .unwrap();
+            log.append(Change::Fsync {
+                path: "f".into(),
+                datasync: true,
+            })
+            .unwrap();
+        }
+        // An atime a later record leaves alone is sent.
+        log.append(Change::Times {
+            path: "g".into(),
+            atime: at(500),
+            mtime: SetTime::Omit,
+        })
+        .unwrap();
+        let last = log
+            .append(Change::Times {
+                path: "g".into(),
+                atime: SetTime::Omit,
+                mtime: at(600),
+            })
+            .unwrap();
+        let m = test_mirror(&p.mirror);
+        let shipper = Shipper::start(log.clone(), 1, 0, m.clone()).unwrap();
+        wait_for("the log to drain", || shipper.applied() == last && log.lag().ops == 0);
+        assert_eq!(shipper.skipped(), 2, "the first two times of f");
+        assert_eq!(shipper.shipped(), last);
+        let f = fs::metadata(p.mirror.join("f")).unwrap();
+        assert_eq!(std::os::unix::fs::MetadataExt::mtime(&f), 3000);
+        let g = fs::metadata(p.mirror.join("g")).unwrap();
+        assert_eq!(std::os::unix::fs::MetadataExt::atime(&g), 500);
+        assert_eq!(std::os::unix::fs::MetadataExt::mtime(&g), 600);
         assert!(m.divergences.lock().unwrap().is_empty());
         assert!(shipper.stop(Duration::from_secs(5)));
     }
