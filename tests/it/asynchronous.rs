@@ -34,6 +34,19 @@ fn wait_drained(mnt: &Path, limit: Duration) -> Value {
     }
 }
 
+/// Waits until a resync has brought the mount back to HEALTHY.
+fn wait_resynced(mnt: &Path, limit: Duration) -> Value {
+    let deadline = Instant::now() + limit;
+    loop {
+        let (code, st) = status_json(mnt);
+        if code == 0 && st["state"] == "HEALTHY" && st["last_resync"]["ok"] == true {
+            return st;
+        }
+        assert!(Instant::now() < deadline, "no resync to HEALTHY in {limit:?}: {st:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn events(st: &Value) -> Vec<String> {
     st["last_events"]
         .as_array()
@@ -286,15 +299,7 @@ fn past_max_log_with_the_mirror_down_the_log_gives_way_to_a_resync() {
     assert!(st["pending_paths"].as_u64().unwrap_or(0) > 0, "{st:#}");
     // Back: the missed-change journal brings it up to date with a resync.
     s.resume();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let st = loop {
-        let (code, st) = status_json(&m.mnt);
-        if code == 0 && st["state"] == "HEALTHY" && st["last_resync"]["ok"] == true {
-            break st;
-        }
-        assert!(Instant::now() < deadline, "no resync to HEALTHY in 60 s: {st:#}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let st = wait_resynced(&m.mnt, Duration::from_secs(60));
     assert!(events(&st).contains(&"resync_started".to_string()), "{st:#}");
     assert!(
         st["resync_bytes_copied"].as_u64().unwrap_or(0) >= 4 * (128 << 10),
@@ -664,15 +669,7 @@ fn a_record_the_primary_cannot_take_hands_the_mirror_to_a_resync() {
         !t.side().join(".mirrorfs/changelog").exists(),
         "the log that could not take a record was kept"
     );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let st = loop {
-        let (code, st) = status_json(&m.mnt);
-        if code == 0 && st["state"] == "HEALTHY" && st["last_resync"]["ok"] == true {
-            break st;
-        }
-        assert!(Instant::now() < deadline, "no resync to HEALTHY in 60 s: {st:#}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let st = wait_resynced(&m.mnt, Duration::from_secs(60));
     let down = st["last_events"]
         .as_array()
         .unwrap()
