@@ -416,13 +416,23 @@ impl Change {
     /// `v` (the first record replayed after a restart); a `Rename` or
     /// `Link` whose effect is there already is then not made twice.
     pub fn apply(&self, v: &Volume, again: bool) -> io::Result<()> {
-        self.apply_with(v, again, &mut KeptFiles::default())
+        let mut files = KeptFiles::default();
+        self.apply_with(v, again, &mut files)?;
+        files.sync_owed()
     }
 
     /// `apply`, with the regular files that data records reach kept open
     /// in `files` from one record to the next (on a network mirror an open
-    /// and a close are two round trips per write otherwise).
+    /// and a close are two round trips per write otherwise). A barrier
+    /// (`Fsync`) and the data written are not synced here: they are owed
+    /// in `files` until its `sync_owed`, so that a replayer can make many
+    /// barriers durable in one round trip.
     pub fn apply_with(&self, v: &Volume, again: bool, files: &mut KeptFiles) -> io::Result<()> {
+        if files.owed.len() >= OWED_FDS {
+            // Synced early rather than hold more fds (a sync made sooner
+            // than owed is never wrong).
+            files.sync_owed()?;
+        }
         if self.moves_names() || !self.keeps_names() {
             files.clear();
         }
@@ -513,11 +523,8 @@ impl Change {
                 offset,
                 len,
             } => volume::fallocate(files.get(v, path)?, *mode, *offset, *len),
-            Change::Fsync { path, datasync } => match files.kept(path) {
-                Some(fd) => volume::fsync(fd, *datasync),
-                // A directory, or a file no data record has reached.
-                None => absent_ok(v.fsync_path(path, *datasync)),
-            },
+            // Owed, made by the replayer's next `KeptFiles::sync_owed`.
+            Change::Fsync { path, datasync } => files.barrier(v, path, *datasync),
         }
     }
 }
@@ -525,38 +532,140 @@ impl Change {
 /// How many files a replayer keeps open.
 const KEPT_FILES: usize = 16;
 
-/// Regular files kept open by a replayer between records, by path. Any
-/// record that may move or replace a name empties it (`Change::apply_with`);
-/// so does the owner when the volume is replaced.
+/// How many closed files a replayer holds open while they owe a sync.
+const OWED_FDS: usize = 64;
+
+/// How many syncs `KeptFiles::sync_owed` has in flight at once (on a
+/// network mirror each is a round trip; in parallel they cost about one).
+const SYNCS_IN_FLIGHT: usize = 8;
+
+/// Regular files kept open by a replayer between records, by path, and
+/// the syncs the records applied so far owe. Any record that may move or
+/// replace a name closes the kept files (`Change::apply_with`); one that
+/// owes a sync is held by its fd until `sync_owed`, since an fd syncs its
+/// file wherever its name has gone.
 #[derive(Default)]
 pub struct KeptFiles {
-    files: VecDeque<(PathBuf, OwnedFd)>,
+    files: VecDeque<Kept>,
+    /// Files closed by name, and barriers' directories, that owe a sync
+    /// (`true`: fdatasync is enough).
+    owed: Vec<(OwnedFd, bool)>,
+}
+
+struct Kept {
+    path: PathBuf,
+    fd: OwnedFd,
+    /// The sync the data written through it since `sync_owed` owes.
+    owes: Option<bool>,
+}
+
+/// The stronger of two owed syncs (`false`, a full fsync, wins).
+fn stronger(owes: Option<bool>, datasync: bool) -> Option<bool> {
+    Some(owes.unwrap_or(true) && datasync)
 }
 
 impl KeptFiles {
     fn kept(&self, path: &Path) -> Option<BorrowedFd<'_>> {
-        self.files.iter().find(|(p, _)| p == path).map(|(_, fd)| fd.as_fd())
+        self.files.iter().find(|k| k.path == path).map(|k| k.fd.as_fd())
     }
 
-    /// The kept file at `path`, opened for writing if it is not kept yet.
+    /// The kept file at `path`, opened for writing if it is not kept yet,
+    /// for a record that writes its data: it owes a sync from now on.
     fn get(&mut self, v: &Volume, path: &Path) -> io::Result<BorrowedFd<'_>> {
-        let i = match self.files.iter().position(|(p, _)| p == path) {
+        let i = match self.files.iter().position(|k| k.path == path) {
             Some(i) => i,
             None => {
                 let fd = v.open_file(path, libc::O_WRONLY)?;
                 if self.files.len() >= KEPT_FILES {
-                    self.files.pop_front();
+                    if let Some(k) = self.files.pop_front() {
+                        self.release(k);
+                    }
                 }
-                self.files.push_back((path.to_path_buf(), fd));
+                self.files.push_back(Kept {
+                    path: path.to_path_buf(),
+                    fd,
+                    owes: None,
+                });
                 self.files.len() - 1
             }
         };
-        Ok(self.files[i].1.as_fd())
+        let k = &mut self.files[i];
+        k.owes = stronger(k.owes, true);
+        Ok(k.fd.as_fd())
     }
 
-    pub fn clear(&mut self) {
-        self.files.clear();
+    /// A barrier at `path`: the file (or directory) owes a sync, made by
+    /// the next `sync_owed`. One that is gone owes nothing.
+    fn barrier(&mut self, v: &Volume, path: &Path, datasync: bool) -> io::Result<()> {
+        if let Some(k) = self.files.iter_mut().find(|k| k.path == path) {
+            k.owes = stronger(k.owes, datasync);
+            return Ok(());
+        }
+        match v.open_file(path, libc::O_RDONLY | libc::O_NONBLOCK) {
+            Ok(fd) => {
+                self.owed.push((fd, datasync));
+                Ok(())
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
+
+    fn release(&mut self, k: Kept) {
+        if let Some(datasync) = k.owes {
+            self.owed.push((k.fd, datasync));
+        }
+    }
+
+    /// Closes the kept files; those that owe a sync still owe it.
+    pub fn clear(&mut self) {
+        while let Some(k) = self.files.pop_front() {
+            self.release(k);
+        }
+    }
+
+    /// Closes every file and forgets what is owed (the volume is gone or
+    /// replaced; the caller starts again from what was last made durable).
+    pub fn forget(&mut self) {
+        self.files.clear();
+        self.owed.clear();
+    }
+
+    /// Makes every owed sync, several at a time; on success nothing is
+    /// owed any more.
+    pub fn sync_owed(&mut self) -> io::Result<()> {
+        let fds: Vec<(BorrowedFd<'_>, bool)> = self
+            .owed
+            .iter()
+            .map(|(fd, d)| (fd.as_fd(), *d))
+            .chain(self.files.iter().filter_map(|k| k.owes.map(|d| (k.fd.as_fd(), d))))
+            .collect();
+        for chunk in fds.chunks(SYNCS_IN_FLIGHT) {
+            sync_all(chunk)?;
+        }
+        self.owed.clear();
+        for k in &mut self.files {
+            k.owes = None;
+        }
+        Ok(())
+    }
+}
+
+/// Syncs `fds` at once, one thread each beyond the first.
+fn sync_all(fds: &[(BorrowedFd<'_>, bool)]) -> io::Result<()> {
+    let Some(((fd, datasync), rest)) = fds.split_first() else {
+        return Ok(());
+    };
+    std::thread::scope(|scope| {
+        let others: Vec<_> = rest
+            .iter()
+            .map(|&(fd, datasync)| scope.spawn(move || volume::fsync(fd, datasync)))
+            .collect();
+        others.into_iter().fold(volume::fsync(*fd, *datasync), |r, t| {
+            let other = t.join().unwrap_or_else(|_| Err(io::Error::other("a sync thread panicked")));
+            r.and(other)
+        })
+    })
 }
 
 /// A name already gone is what the change wanted.

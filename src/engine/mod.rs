@@ -397,6 +397,7 @@ impl Engine {
                 again = false;
                 n += 1;
             }
+            files.sync_owed()?;
             mirror.syncfs()?;
             Ok(n)
         })();

@@ -20,7 +20,7 @@
 //! only this thread: `busy_for` tells the engine's watchdog how long.
 
 use std::io;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -96,19 +96,23 @@ pub fn read_position(v: &Volume) -> io::Result<Option<Position>> {
 /// Writes the mirror's position in place (32 bytes at offset 0, never torn
 /// across a page), and makes it durable if asked.
 pub fn write_position(v: &Volume, pos: Position, durable: bool) -> io::Result<()> {
-    let path = position_path();
-    let fd = match v.open_file(&path, libc::O_WRONLY) {
-        Ok(fd) => fd,
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-            v.create(&path, libc::O_WRONLY, 0o600, Owner { uid: 0, gid: 0 })?.0
-        }
-        Err(e) => return Err(e),
-    };
+    let fd = open_position(v)?;
     volume::pwrite_all(fd.as_fd(), &pos.encode(), 0)?;
     if durable {
         volume::fsync(fd.as_fd(), true)?;
     }
     Ok(())
+}
+
+/// The position record, opened for writing (made if it is not there).
+fn open_position(v: &Volume) -> io::Result<OwnedFd> {
+    let path = position_path();
+    match v.open_file(&path, libc::O_WRONLY) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+            Ok(v.create(&path, libc::O_WRONLY, 0o600, Owner { uid: 0, gid: 0 })?.0)
+        }
+        r => r,
+    }
 }
 
 /// What the shipper needs of the engine.
@@ -298,24 +302,29 @@ fn op_name(c: &Change) -> &'static str {
 fn ship(s: &Shared, mirror: &dyn Mirror) {
     // The first record after the position may be on the mirror already.
     let mut again = true;
-    let mut reader = Ahead::new(s.log.reader(s.applied.load(Ordering::Acquire)));
-    let mut written = reader.position();
-    let mut checkpoint = Instant::now();
+    let mut reader = Ahead::new(s.log.reader(s.durable.load(Ordering::Acquire)));
     let mut files = KeptFiles::default();
+    let mut position: Option<OwnedFd> = None;
     let mut current: Option<Arc<Volume>> = None;
+    // When the group being applied took its first record.
+    let mut group: Option<Instant> = None;
     while !s.stop.load(Ordering::Acquire) {
         let Some(v) = mirror.volume() else {
-            // Out of service: start again from the position when it is back.
-            files.clear();
+            // Out of service: start again from what is durable there when
+            // it is back (the records applied since may not have stayed).
+            files.forget();
+            position = None;
+            group = None;
             s.log.wait_after(u64::MAX - 1, IDLE);
-            reader = Ahead::new(s.log.reader(s.applied.load(Ordering::Acquire)));
+            reader = Ahead::new(s.log.reader(s.durable.load(Ordering::Acquire)));
             again = true;
             continue;
         };
         if !current.as_ref().is_some_and(|c| Arc::ptr_eq(c, &v)) {
             // A new root (a returning side is a new mount): files kept
             // open are on the old one.
-            files.clear();
+            files.forget();
+            position = None;
             current = Some(v.clone());
         }
         let record = match reader.read_next() {
@@ -323,7 +332,9 @@ fn ship(s: &Shared, mirror: &dyn Mirror) {
             Ok(None) => {
                 // Drained: make it all durable, then sleep until more comes.
                 let at = reader.position();
-                if s.durable.load(Ordering::Acquire) < at && !checkpoint_at(s, mirror, &v, at) {
+                if s.durable.load(Ordering::Acquire) < at
+                    && !close_group(s, mirror, &v, &mut files, &mut position, at, group.take())
+                {
                     continue;
                 }
                 mirror.caught_up();
@@ -337,36 +348,31 @@ fn ship(s: &Shared, mirror: &dyn Mirror) {
                 continue;
             }
         };
-        let started = Instant::now();
+        let started = *group.get_or_insert_with(Instant::now);
         // Times a later record sets again are not sent: on a network
         // mirror a utimensat costs two round trips, and the writeback
         // cache sends one before each fsync of a written file.
         let skip = reader.superseded(&record.change);
         if !apply(s, mirror, &v, &record, again, &mut files, skip) {
-            // The mirror failed: shipping resumes from the position.
-            reader = Ahead::new(s.log.reader(s.applied.load(Ordering::Acquire)));
+            // The mirror failed: shipping resumes from what is durable.
+            files.forget();
+            position = None;
+            group = None;
+            reader = Ahead::new(s.log.reader(s.durable.load(Ordering::Acquire)));
             again = true;
             continue;
         }
         // Until the first rename or link after the position is re-applied,
-        // it may have been applied before: the position is written right
-        // after each of them, never before.
+        // it may have been applied before: a group ends right after each
+        // of them, so that a group replays safely whole.
         again = again && record.change.replays_safely();
         let seq = record.seq;
-        let due = !record.change.replays_safely() || seq - written >= BATCH;
-        let barrier = matches!(record.change, Change::Fsync { .. });
-        if barrier && checkpoint.elapsed() >= CHECKPOINT {
-            if checkpoint_at(s, mirror, &v, seq) {
-                written = seq;
-                checkpoint = Instant::now();
-            }
-        } else if due {
-            match busy(s, || write_position(&v, Position { log_id: s.log_id, seq }, false)) {
-                Ok(()) => written = seq,
-                Err(e) => report(mirror, "position", &e, &position_path()),
-            }
+        let due = !record.change.replays_safely()
+            || seq - s.durable.load(Ordering::Acquire) >= BATCH
+            || started.elapsed() >= CHECKPOINT;
+        if due {
+            close_group(s, mirror, &v, &mut files, &mut position, seq, group.take());
         }
-        measured(&s.pace, started.elapsed());
     }
 }
 
@@ -405,7 +411,7 @@ fn apply(
         Err(e) => {
             let errno = e.raw_os_error().unwrap_or(libc::EIO);
             if is_side_failure(errno) {
-                files.clear();
+                files.forget();
                 mirror.failed(op_name(&r.change), errno, subject(&r.change));
                 return false;
             }
@@ -490,18 +496,40 @@ fn busy<T>(s: &Shared, f: impl FnOnce() -> T) -> T {
     r
 }
 
-/// Makes everything applied up to `seq` durable on the mirror, records the
-/// position durably, and drops the log's segments before it.
-fn checkpoint_at(s: &Shared, mirror: &dyn Mirror, v: &Volume, seq: u64) -> bool {
+/// Ends a group: makes everything applied up to `seq` durable on the
+/// mirror (the syncs the group's records owe, several at once, then the
+/// filesystem), then the position, in place through `position` (opened
+/// once), and drops the log's segments before it. `started`: when the
+/// group took its first record, for the pace.
+fn close_group(
+    s: &Shared,
+    mirror: &dyn Mirror,
+    v: &Volume,
+    files: &mut KeptFiles,
+    position: &mut Option<OwnedFd>,
+    seq: u64,
+    started: Option<Instant>,
+) -> bool {
     let r = busy(s, || {
-        v.syncfs()
-            .and_then(|()| write_position(v, Position { log_id: s.log_id, seq }, true))
+        files.sync_owed()?;
+        v.syncfs()?;
+        let fd = match position.take() {
+            Some(fd) => fd,
+            None => open_position(v)?,
+        };
+        volume::pwrite_all(fd.as_fd(), &Position { log_id: s.log_id, seq }.encode(), 0)?;
+        volume::fsync(fd.as_fd(), true)?;
+        *position = Some(fd);
+        Ok::<(), io::Error>(())
     });
     if let Err(e) = r {
         report(mirror, "checkpoint", &e, &position_path());
         return false;
     }
-    s.durable.store(seq, Ordering::Release);
+    let before = s.durable.swap(seq, Ordering::AcqRel);
+    if let Some(started) = started {
+        measured(&s.pace, started.elapsed() / (seq.saturating_sub(before).max(1) as u32));
+    }
     if let Err(e) = s.log.drop_through(seq) {
         log::warn!("cannot remove the change log's applied segments: {e}");
     }
