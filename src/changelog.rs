@@ -40,6 +40,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -662,7 +663,9 @@ fn sync_all(fds: &[(BorrowedFd<'_>, bool)]) -> io::Result<()> {
             .map(|&(fd, datasync)| scope.spawn(move || volume::fsync(fd, datasync)))
             .collect();
         others.into_iter().fold(volume::fsync(*fd, *datasync), |r, t| {
-            let other = t.join().unwrap_or_else(|_| Err(io::Error::other("a sync thread panicked")));
+            let other = t
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("a sync thread panicked")));
             r.and(other)
         })
     })
@@ -853,6 +856,11 @@ struct Tail {
     times: VecDeque<(u64, u64, u64)>,
     /// The last record the mirror has, as told by `applied`.
     applied: u64,
+    /// Readers waiting in `wait_after` (an append wakes them only if
+    /// there are some: a wake is a syscall even with no one to wake).
+    waiters: usize,
+    /// Callers of `sync` waiting for the one in `fdatasync`.
+    sync_waiters: usize,
 }
 
 /// How far the mirror is behind.
@@ -870,6 +878,11 @@ pub struct Log {
     /// counts in one log only.
     id: u64,
     tail: Mutex<Tail>,
+    /// The current segment's first record (`Tail::segment`), for readers:
+    /// one at the end of this segment knows no next one has started.
+    current: Arc<AtomicU64>,
+    /// The first segment held, as far as `drop_through` knows.
+    oldest: AtomicU64,
     synced: Condvar,
     /// Notified on each append, for a reader waiting at the end.
     appended: Condvar,
@@ -904,7 +917,7 @@ impl Log {
         let mut times = VecDeque::new();
         let mut bytes = 0;
         if last > applied {
-            let mut r = Reader::new(dir, applied);
+            let mut r = Reader::new(dir, applied, None);
             if let Some(first) = r.read_next()? {
                 let sizes: u64 = segments(dir)?
                     .into_iter()
@@ -915,9 +928,12 @@ impl Log {
                 times.push_back((first.seq, first.time_ns, 0));
             }
         }
+        let oldest = firsts.first().copied().unwrap_or(segment);
         Ok(Log {
             dir: dir.to_path_buf(),
             id,
+            current: Arc::new(AtomicU64::new(segment)),
+            oldest: AtomicU64::new(oldest),
             tail: Mutex::new(Tail {
                 file: Arc::new(file),
                 segment,
@@ -928,6 +944,8 @@ impl Log {
                 bytes,
                 times,
                 applied: applied.min(last),
+                waiters: 0,
+                sync_waiters: 0,
             }),
             synced: Condvar::new(),
             appended: Condvar::new(),
@@ -1001,6 +1019,7 @@ impl Log {
             let first = t.last + 1;
             t.file = Arc::new(Self::open_segment(&self.dir, first)?);
             t.segment = first;
+            self.current.store(first, Ordering::Release);
             t.length = 0;
         }
         let record = Record {
@@ -1018,8 +1037,11 @@ impl Log {
             Some(&(_, at, _)) if record.time_ns < at + TICK_NS => {}
             _ => t.times.push_back((record.seq, record.time_ns, before)),
         }
+        let waiters = t.waiters;
         drop(t);
-        self.appended.notify_all();
+        if waiters > 0 {
+            self.appended.notify_all();
+        }
         Ok(record.seq)
     }
 
@@ -1029,7 +1051,9 @@ impl Log {
         let mut t = self.lock();
         while seq > t.synced {
             if t.syncing {
+                t.sync_waiters += 1;
                 t = self.synced.wait(t).unwrap_or_else(|e| e.into_inner());
+                t.sync_waiters -= 1;
                 continue;
             }
             t.syncing = true;
@@ -1044,7 +1068,9 @@ impl Log {
             if r.is_ok() {
                 t.synced = t.synced.max(upto);
             }
-            self.synced.notify_all();
+            if t.sync_waiters > 0 {
+                self.synced.notify_all();
+            }
             r?;
         }
         Ok(())
@@ -1058,15 +1084,18 @@ impl Log {
     /// Waits at most `timeout` for a record after `seq` to be appended;
     /// returns the last record appended.
     pub fn wait_after(&self, seq: u64, timeout: Duration) -> u64 {
-        let t = self.lock();
+        let mut t = self.lock();
         if t.last > seq {
             return t.last;
         }
-        self.appended
+        t.waiters += 1;
+        let mut t = self
+            .appended
             .wait_timeout(t, timeout)
             .unwrap_or_else(|e| e.into_inner())
-            .0
-            .last
+            .0;
+        t.waiters -= 1;
+        t.last
     }
 
     /// Notes that the mirror has every record up to `seq`, for the lag.
@@ -1098,14 +1127,22 @@ impl Log {
     /// Removes the segments whose every record is at or before `seq`
     /// (applied durably on the mirror). The current segment stays.
     pub fn drop_through(&self, seq: u64) -> io::Result<()> {
-        let current = self.lock().segment;
+        let current = self.current.load(Ordering::Acquire);
+        if self.oldest.load(Ordering::Acquire) >= current {
+            // One segment, the current one: nothing to list.
+            return Ok(());
+        }
         let firsts = segments(&self.dir)?;
+        let mut oldest = current;
         for pair in firsts.windows(2) {
             let (first, next) = (pair[0], pair[1]);
             if next <= seq + 1 && first < current {
                 fs::remove_file(self.dir.join(segment_name(first)))?;
+            } else {
+                oldest = oldest.min(first);
             }
         }
+        self.oldest.store(oldest, Ordering::Release);
         Ok(())
     }
 
@@ -1120,7 +1157,7 @@ impl Log {
 
     /// A reader of the records after `seq`.
     pub fn reader(&self, seq: u64) -> Reader {
-        Reader::new(&self.dir, seq)
+        Reader::new(&self.dir, seq, Some(self.current.clone()))
     }
 }
 
@@ -1136,11 +1173,19 @@ pub struct Reader {
     offset: u64,
     /// Where the record after the starting point begins in `segment`.
     started: u64,
-    buf: Vec<u8>,
+    /// Bytes of `segment` read ahead, from `chunk_at`.
+    chunk: Vec<u8>,
+    chunk_at: u64,
+    /// The log's current segment (`Log::current`); None: unknown, look
+    /// for a next segment at every end.
+    current: Option<Arc<AtomicU64>>,
 }
 
+/// How much a reader reads at once.
+const CHUNK: usize = 64 << 10;
+
 impl Reader {
-    fn new(dir: &Path, after: u64) -> Reader {
+    fn new(dir: &Path, after: u64, current: Option<Arc<AtomicU64>>) -> Reader {
         Reader {
             dir: dir.to_path_buf(),
             after,
@@ -1148,8 +1193,39 @@ impl Reader {
             segment: 0,
             offset: 0,
             started: 0,
-            buf: Vec::new(),
+            chunk: Vec::new(),
+            chunk_at: 0,
+            current,
         }
+    }
+
+    /// The `n` bytes of the segment at `offset`, from the chunk read ahead
+    /// (read again if it does not hold them); None if the segment does not
+    /// have them yet.
+    fn bytes_at(&mut self, offset: u64, n: usize) -> io::Result<Option<&[u8]>> {
+        let held = offset >= self.chunk_at && offset + n as u64 <= self.chunk_at + self.chunk.len() as u64;
+        if !held {
+            let Some(f) = &self.file else {
+                return Ok(None);
+            };
+            self.chunk.resize(CHUNK.max(n), 0);
+            let mut got = 0;
+            while got < self.chunk.len() {
+                match f.read_at(&mut self.chunk[got..], offset + got as u64) {
+                    Ok(0) => break,
+                    Ok(k) => got += k,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            self.chunk.truncate(got);
+            self.chunk_at = offset;
+            if got < n {
+                return Ok(None);
+            }
+        }
+        let at = (offset - self.chunk_at) as usize;
+        Ok(Some(&self.chunk[at..at + n]))
     }
 
     /// The last record returned.
@@ -1189,6 +1265,8 @@ impl Reader {
         self.segment = first;
         self.offset = offset;
         self.started = offset;
+        self.chunk.clear();
+        self.chunk_at = 0;
         Ok(())
     }
 
@@ -1198,46 +1276,41 @@ impl Reader {
             self.seek()?;
         }
         loop {
-            let Some(f) = &self.file else {
+            if self.file.is_none() {
+                return Ok(None);
+            }
+            let offset = self.offset;
+            let Some(len) = self.bytes_at(offset, 4)? else {
+                // At the end of this segment: go on in the next one if it
+                // has been started (never while this one is the log's
+                // current segment).
+                let next = self.after + 1;
+                let current = self.current.as_ref().map(|c| c.load(Ordering::Acquire));
+                if current != Some(self.segment) && self.dir.join(segment_name(next)).exists() {
+                    self.file = None;
+                    self.seek()?;
+                    continue;
+                }
                 return Ok(None);
             };
-            let mut len = [0u8; 4];
-            match f.read_exact_at(&mut len, self.offset) {
-                Ok(()) => {
-                    let n = u32::from_le_bytes(len) as usize;
-                    self.buf.resize(n, 0);
-                    match f.read_exact_at(&mut self.buf, self.offset + 4) {
-                        Ok(()) => {}
-                        // Being appended: read it next time.
-                        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
-                        Err(e) => return Err(e),
-                    }
-                    let Some(r) = Record::decode(&self.buf) else {
-                        return Ok(None);
-                    };
-                    if r.seq != self.after + 1 {
-                        return Err(io::Error::new(
-                            io::ErrorKind::InvalidData,
-                            format!("the change log has record {} where {} belongs", r.seq, self.after + 1),
-                        ));
-                    }
-                    self.offset += 4 + n as u64;
-                    self.after = r.seq;
-                    return Ok(Some(r));
-                }
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                    // At the end of this segment: go on in the next one if
-                    // it has been started.
-                    let next = self.after + 1;
-                    if self.dir.join(segment_name(next)).exists() {
-                        self.file = None;
-                        self.seek()?;
-                        continue;
-                    }
-                    return Ok(None);
-                }
-                Err(e) => return Err(e),
+            let n = u32::from_le_bytes(len.try_into().unwrap_or_default()) as usize;
+            // Being appended: read it next time, from the file again.
+            let Some(body) = self.bytes_at(offset + 4, n)? else {
+                return Ok(None);
+            };
+            let Some(r) = Record::decode(body) else {
+                self.chunk.clear();
+                return Ok(None);
+            };
+            if r.seq != self.after + 1 {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("the change log has record {} where {} belongs", r.seq, self.after + 1),
+                ));
             }
+            self.offset += 4 + n as u64;
+            self.after = r.seq;
+            return Ok(Some(r));
         }
     }
 }

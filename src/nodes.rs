@@ -292,6 +292,9 @@ pub struct OpenFile {
     /// The flags it was opened with, to re-open it on a returning side.
     pub flags: i32,
     fds: [Mutex<Option<Arc<OwnedFd>>>; 2],
+    /// Async mode: its path on the primary, and the names generation
+    /// (`Follow::generation`) it was read in.
+    path: Mutex<Option<(u64, Option<PathBuf>)>>,
 }
 
 impl OpenFile {
@@ -301,6 +304,21 @@ impl OpenFile {
             ino,
             flags,
             fds: [Mutex::new(p.map(Arc::new)), Mutex::new(m.map(Arc::new))],
+            path: Mutex::new(None),
+        }
+    }
+
+    /// Its path as `read` gives it, read again only when the names
+    /// generation is no longer `generation`.
+    pub fn path_in(&self, generation: u64, read: impl FnOnce() -> Option<PathBuf>) -> Option<PathBuf> {
+        let mut slot = self.path.lock().unwrap_or_else(|e| e.into_inner());
+        match &*slot {
+            Some((g, path)) if *g == generation => path.clone(),
+            _ => {
+                let path = read();
+                *slot = Some((generation, path.clone()));
+                path
+            }
         }
     }
 

@@ -31,8 +31,18 @@ const THROTTLE_STEP: Duration = Duration::from_millis(5);
 /// on the primary hangs holds it; the others give up at `side_timeout`).
 #[derive(Default)]
 pub struct NameLock {
-    state: Mutex<(usize, bool)>,
+    state: Mutex<Holders>,
     freed: Condvar,
+}
+
+/// Who holds a `NameLock`, and how many wait for it (a release wakes
+/// them only if there are some: a wake is a syscall even with no one to
+/// wake).
+#[derive(Default)]
+struct Holders {
+    shared: usize,
+    exclusive: bool,
+    waiting: usize,
 }
 
 /// Held while it lives.
@@ -42,7 +52,7 @@ pub struct NameGuard<'a> {
 }
 
 impl NameLock {
-    fn lock_state(&self) -> MutexGuard<'_, (usize, bool)> {
+    fn lock_state(&self) -> MutexGuard<'_, Holders> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -50,12 +60,16 @@ impl NameLock {
     pub fn acquire(&self, exclusive: bool, deadline: Instant) -> Option<NameGuard<'_>> {
         let mut s = self.lock_state();
         loop {
-            let free = if exclusive { s.0 == 0 && !s.1 } else { !s.1 };
+            let free = if exclusive {
+                s.shared == 0 && !s.exclusive
+            } else {
+                !s.exclusive
+            };
             if free {
                 if exclusive {
-                    s.1 = true;
+                    s.exclusive = true;
                 } else {
-                    s.0 += 1;
+                    s.shared += 1;
                 }
                 return Some(NameGuard { lock: self, exclusive });
             }
@@ -63,11 +77,13 @@ impl NameLock {
             if now >= deadline {
                 return None;
             }
+            s.waiting += 1;
             s = self
                 .freed
                 .wait_timeout(s, deadline - now)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
+            s.waiting -= 1;
         }
     }
 }
@@ -76,12 +92,15 @@ impl Drop for NameGuard<'_> {
     fn drop(&mut self) {
         let mut s = self.lock.lock_state();
         if self.exclusive {
-            s.1 = false;
+            s.exclusive = false;
         } else {
-            s.0 -= 1;
+            s.shared -= 1;
         }
+        let waiting = s.waiting > 0;
         drop(s);
-        self.lock.freed.notify_all();
+        if waiting {
+            self.lock.freed.notify_all();
+        }
     }
 }
 
@@ -99,6 +118,10 @@ pub struct Follow {
     pub overflowed: AtomicBool,
     /// The shipper's cost per record, in ns (`Shipper::pace`).
     pace: Arc<AtomicU64>,
+    /// Counts the changes that may move names (each takes `names`
+    /// exclusively): an open file's path read in one generation holds
+    /// for as long as it lasts.
+    generation: AtomicU64,
 }
 
 impl Follow {
@@ -112,7 +135,23 @@ impl Follow {
             max_log,
             exceeded: AtomicBool::new(false),
             overflowed: AtomicBool::new(false),
+            generation: AtomicU64::new(0),
         }
+    }
+
+    /// The names generation (see `generation`).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Takes `names` for a change (`exclusive`: one that may move names,
+    /// which starts a new generation); None past `deadline`.
+    pub fn names_for_change(&self, exclusive: bool, deadline: Instant) -> Option<NameGuard<'_>> {
+        let guard = self.names.acquire(exclusive, deadline)?;
+        if exclusive {
+            self.generation.fetch_add(1, Ordering::AcqRel);
+        }
+        Some(guard)
     }
 
     /// Waits while the mirror is over the bound and `mirror_up` says it is

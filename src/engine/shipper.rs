@@ -42,6 +42,12 @@ const BATCH: u64 = 256;
 /// The longest time between two checkpoints while records are applied.
 const CHECKPOINT: Duration = Duration::from_secs(1);
 
+/// How long a drained shipper sleeps before it looks for more records
+/// for the group it has open (and ends it if there are none): it takes
+/// what came meanwhile in one read and one wake, instead of a wake per
+/// record.
+const LINGER: Duration = Duration::from_millis(10);
+
 /// How long the idle shipper sleeps before looking at the mirror again
 /// (records appended wake it at once).
 const IDLE: Duration = Duration::from_millis(200);
@@ -308,6 +314,8 @@ fn ship(s: &Shared, mirror: &dyn Mirror) {
     let mut current: Option<Arc<Volume>> = None;
     // When the group being applied took its first record.
     let mut group: Option<Instant> = None;
+    // The drained shipper has waited `LINGER` once for the open group.
+    let mut lingered = false;
     while !s.stop.load(Ordering::Acquire) {
         let Some(v) = mirror.volume() else {
             // Out of service: start again from what is durable there when
@@ -330,8 +338,19 @@ fn ship(s: &Shared, mirror: &dyn Mirror) {
         let record = match reader.read_next() {
             Ok(Some(r)) => r,
             Ok(None) => {
-                // Drained: make it all durable, then sleep until more comes.
                 let at = reader.position();
+                if let Some(started) = group
+                    && !lingered
+                    && started.elapsed() < CHECKPOINT
+                {
+                    // Drained with a group open: more may follow at once
+                    // (a write's record is followed by its fsync's), and
+                    // each group's end costs syncs on the mirror.
+                    lingered = true;
+                    thread::sleep(LINGER);
+                    continue;
+                }
+                // Drained: make it all durable, then sleep until more comes.
                 if s.durable.load(Ordering::Acquire) < at
                     && !close_group(s, mirror, &v, &mut files, &mut position, at, group.take())
                 {
@@ -348,6 +367,7 @@ fn ship(s: &Shared, mirror: &dyn Mirror) {
                 continue;
             }
         };
+        lingered = false;
         let started = *group.get_or_insert_with(Instant::now);
         // Times a later record sets again are not sent: on a network
         // mirror a utimensat costs two round trips, and the writeback
