@@ -577,10 +577,10 @@ impl KeptFiles {
             Some(i) => i,
             None => {
                 let fd = v.open_file(path, libc::O_WRONLY)?;
-                if self.files.len() >= KEPT_FILES {
-                    if let Some(k) = self.files.pop_front() {
-                        self.release(k);
-                    }
+                if self.files.len() >= KEPT_FILES
+                    && let Some(k) = self.files.pop_front()
+                {
+                    self.release(k);
                 }
                 self.files.push_back(Kept {
                     path: path.to_path_buf(),
