@@ -1672,4 +1672,110 @@ mod tests {
         }
         assert_eq!(tree(t.path()), want);
     }
+
+    #[test]
+    fn syncs_are_owed_until_sync_owed_and_follow_a_file_whose_name_moved() {
+        // SAFETY: geteuid and getegid have no failure mode.
+        let me = Owner {
+            uid: unsafe { libc::geteuid() },
+            gid: unsafe { libc::getegid() },
+        };
+        let t = tempfile::tempdir().unwrap();
+        let v = Volume::open(crate::spec::Side::Mirror, t.path()).unwrap();
+        let mut files = KeptFiles::default();
+        let owing = |files: &KeptFiles| files.files.iter().filter(|k| k.owes.is_some()).count() + files.owed.len();
+        for c in [
+            Change::Mkdir {
+                path: p("d"),
+                mode: 0o755,
+                owner: me,
+            },
+            Change::Create {
+                path: p("d/f"),
+                mode: 0o644,
+                owner: me,
+            },
+            Change::Write {
+                path: p("d/f"),
+                offset: 0,
+                data: b"data".to_vec(),
+            },
+        ] {
+            c.apply_with(&v, false, &mut files).unwrap();
+        }
+        assert_eq!(files.files[0].owes, Some(true), "written: an fdatasync is owed");
+        Change::Fsync {
+            path: p("d/f"),
+            datasync: false,
+        }
+        .apply_with(&v, false, &mut files)
+        .unwrap();
+        assert_eq!(
+            files.files[0].owes,
+            Some(false),
+            "a full fsync asked for: it is what is owed"
+        );
+        // The name moves: the file is closed by name, its fd still owes.
+        Change::Rename {
+            old: p("d/f"),
+            new: p("d/g"),
+            flags: 0,
+        }
+        .apply_with(&v, false, &mut files)
+        .unwrap();
+        assert!(files.files.is_empty());
+        assert_eq!(files.owed.len(), 1);
+        assert!(!files.owed[0].1, "still a full fsync");
+        // A directory's barrier is owed through an fd of its own; a name
+        // that is gone owes nothing.
+        for path in ["d", "gone"] {
+            Change::Fsync {
+                path: p(path),
+                datasync: false,
+            }
+            .apply_with(&v, false, &mut files)
+            .unwrap();
+        }
+        assert_eq!(owing(&files), 2);
+        files.sync_owed().unwrap();
+        assert_eq!(owing(&files), 0);
+        assert_eq!(fs::read(t.path().join("d/g")).unwrap(), b"data");
+    }
+
+    #[test]
+    fn a_replayer_holds_a_bounded_number_of_files_that_owe_a_sync() {
+        // SAFETY: geteuid and getegid have no failure mode.
+        let me = Owner {
+            uid: unsafe { libc::geteuid() },
+            gid: unsafe { libc::getegid() },
+        };
+        let t = tempfile::tempdir().unwrap();
+        let v = Volume::open(crate::spec::Side::Mirror, t.path()).unwrap();
+        let mut files = KeptFiles::default();
+        for i in 0..200 {
+            let path = p(&format!("f{i}"));
+            Change::Create {
+                path: path.clone(),
+                mode: 0o644,
+                owner: me,
+            }
+            .apply_with(&v, false, &mut files)
+            .unwrap();
+            Change::Write {
+                path,
+                offset: 0,
+                data: vec![1],
+            }
+            .apply_with(&v, false, &mut files)
+            .unwrap();
+            assert!(
+                files.owed.len() <= OWED_FDS,
+                "{} fds held at file {i}",
+                files.owed.len()
+            );
+            assert!(files.files.len() <= KEPT_FILES);
+        }
+        files.sync_owed().unwrap();
+        assert!(files.owed.is_empty());
+    }
 }

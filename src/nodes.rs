@@ -562,4 +562,28 @@ mod tests {
         assert_eq!(n.path(a).unwrap(), PathBuf::from("b"));
         assert!(n.path(b).is_err());
     }
+
+    #[test]
+    fn an_open_files_path_is_read_once_per_generation() {
+        let f = OpenFile::new(1, 0, [None, None]);
+        let reads = std::cell::Cell::new(0);
+        let read = |name: &str| {
+            reads.set(reads.get() + 1);
+            Some(PathBuf::from(name))
+        };
+        assert_eq!(f.path_in(0, || read("a")), Some(PathBuf::from("a")));
+        assert_eq!(
+            f.path_in(0, || read("b")),
+            Some(PathBuf::from("a")),
+            "same generation: kept"
+        );
+        assert_eq!(reads.get(), 1);
+        assert_eq!(
+            f.path_in(1, || read("b")),
+            Some(PathBuf::from("b")),
+            "a new generation: read again"
+        );
+        assert_eq!(f.path_in(2, || None), None, "no name any more");
+        assert_eq!(reads.get(), 2);
+    }
 }

@@ -700,13 +700,21 @@ impl Engine {
             errno_label(errno),
             side.other()
         );
-        if let Some(f) = &self.on_down {
-            f(side, op, errno);
-        }
         if side == Side::Primary
             && let Some(f) = self.follow.get()
         {
-            let lag = f.log.lag();
+            // With changes the mirror lacks, nothing more is read from the
+            // failed primary's log: what the mirror lacks now is what is
+            // lost, counted before anything else can wait (on a hung
+            // mirror, for instance). The call in progress, if any, is not
+            // counted as shipped. With none, the shipper ends its group.
+            let mut lag = f.log.lag();
+            if lag.ops > 0 {
+                if let Some(s) = f.shipper.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                    s.stop(Duration::ZERO);
+                }
+                lag = f.log.lag();
+            }
             if lag.ops > 0 {
                 let as_of = crate::changelog::now_ns().saturating_sub((lag.seconds * 1e9) as u64);
                 self.mirror_as_of.store(as_of, Ordering::Release);
@@ -717,6 +725,9 @@ impl Engine {
                     lag.seconds
                 );
             }
+        }
+        if let Some(f) = &self.on_down {
+            f(side, op, errno);
         }
         self.events
             .emit(self.event(Kind::SideDown, subject).side(side).op(op).errno(errno));

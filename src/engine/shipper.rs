@@ -6,13 +6,19 @@
 //! of FUSE; what the mirror is, whether it is in service, and what a failure
 //! or a divergence does are the engine's (`Mirror`).
 //!
-//! The position: the last record applied, with the identity of the log it
-//! counts in. It is written (without a sync) after every `Rename` or `Link`
-//! and every `BATCH` records, so that after the daemon is killed, shipping
-//! resumes at most a batch back, and never replays a move twice (see
-//! `changelog`). At a checkpoint (`CHECKPOINT` after the last, at an fsync
-//! barrier or when the log is drained) the mirror's filesystem is synced,
-//! the position with it, and the log's segments before it are removed.
+//! Groups: records are applied one call at a time, in order, so the
+//! mirror's tree passes through the primary's states; nothing is synced
+//! inside a group (a barrier, like a data record, leaves its file owing a
+//! sync: `KeptFiles`). A group ends after `BATCH` records, right after a
+//! `Rename` or `Link`, after `CHECKPOINT`, or when the log is drained; its
+//! end makes the owed syncs together (on a network mirror about one round
+//! trip for all of them), syncs the mirror's filesystem, then writes the
+//! position (the last record, with the identity of the log it counts in)
+//! in place and syncs it, and removes the log's segments before it. The
+//! position moves only there: after the daemon is killed, or the mirror
+//! failed, shipping resumes at most a group back, and never replays a move
+//! twice (see `changelog`). What a power loss of the mirror's machine can
+//! leave on its disk is part of one group, re-sent from the position.
 //!
 //! A failure of the mirror (a side-failure errno) stops shipping at the
 //! record that failed: the engine takes the mirror down, and shipping
@@ -36,10 +42,10 @@ use crate::volume::{self, META_DIR, Owner, Volume};
 /// The position record, in the mirror's metadata directory.
 pub const POSITION: &str = "shipped";
 
-/// Records applied between two writes of the position.
+/// The most records in a group.
 const BATCH: u64 = 256;
 
-/// The longest time between two checkpoints while records are applied.
+/// The longest a group stays open.
 const CHECKPOINT: Duration = Duration::from_secs(1);
 
 /// How long a drained shipper sleeps before it looks for more records
@@ -150,9 +156,8 @@ struct Shared {
     shipped: AtomicU64,
     /// Of those, the times not sent because a later record set them again.
     skipped: AtomicU64,
-    /// What one record costs to ship, in ns: a moving average of each
-    /// record's time (its apply, the position and checkpoint after it).
-    /// Read by the lag bound to foresee how long the backlog will take.
+    /// What one record costs to ship, in ns (`Pace`): read by the lag
+    /// bound to foresee how long the backlog will take.
     pace: Arc<AtomicU64>,
 }
 
@@ -316,6 +321,7 @@ fn ship(s: &Shared, mirror: &dyn Mirror) {
     let mut group: Option<Instant> = None;
     // The drained shipper has waited `LINGER` once for the open group.
     let mut lingered = false;
+    let mut pace = Pace::default();
     while !s.stop.load(Ordering::Acquire) {
         let Some(v) = mirror.volume() else {
             // Out of service: start again from what is durable there when
@@ -351,8 +357,9 @@ fn ship(s: &Shared, mirror: &dyn Mirror) {
                     continue;
                 }
                 // Drained: make it all durable, then sleep until more comes.
+                group = None;
                 if s.durable.load(Ordering::Acquire) < at
-                    && !close_group(s, mirror, &v, &mut files, &mut position, at, group.take())
+                    && !close_group(s, mirror, &v, &mut files, &mut position, at, &mut pace)
                 {
                     continue;
                 }
@@ -368,12 +375,15 @@ fn ship(s: &Shared, mirror: &dyn Mirror) {
             }
         };
         lingered = false;
-        let started = *group.get_or_insert_with(Instant::now);
+        let opened = *group.get_or_insert_with(Instant::now);
+        let started = Instant::now();
         // Times a later record sets again are not sent: on a network
         // mirror a utimensat costs two round trips, and the writeback
         // cache sends one before each fsync of a written file.
         let skip = reader.superseded(&record.change);
-        if !apply(s, mirror, &v, &record, again, &mut files, skip) {
+        let applied = apply(s, mirror, &v, &record, again, &mut files, skip);
+        pace.applied(started.elapsed(), &s.pace);
+        if !applied {
             // The mirror failed: shipping resumes from what is durable.
             files.forget();
             position = None;
@@ -389,19 +399,48 @@ fn ship(s: &Shared, mirror: &dyn Mirror) {
         let seq = record.seq;
         let due = !record.change.replays_safely()
             || seq - s.durable.load(Ordering::Acquire) >= BATCH
-            || started.elapsed() >= CHECKPOINT;
+            || opened.elapsed() >= CHECKPOINT;
         if due {
-            close_group(s, mirror, &v, &mut files, &mut position, seq, group.take());
+            group = None;
+            close_group(s, mirror, &v, &mut files, &mut position, seq, &mut pace);
         }
     }
 }
 
-/// Folds one record's time into the moving average (weight 1/8).
-fn measured(pace: &AtomicU64, took: Duration) {
-    let took = took.as_nanos() as u64;
-    let old = pace.load(Ordering::Relaxed);
-    let new = if old == 0 { took } else { old - old / 8 + took / 8 };
-    pace.store(new.max(1), Ordering::Relaxed);
+/// The shipper's cost per record, in two parts measured apart: applying
+/// it, a moving average over records (weight 1/8, so that a run of large
+/// records, a new WAL segment's, is forgotten a few records later), and
+/// its share of its group's end, a moving average over groups.
+#[derive(Default)]
+struct Pace {
+    apply_ns: Option<f64>,
+    close_ns: f64,
+}
+
+impl Pace {
+    fn fold(avg: f64, sample: f64) -> f64 {
+        avg + (sample - avg) / 8.0
+    }
+
+    fn applied(&mut self, took: Duration, out: &AtomicU64) {
+        let took = took.as_nanos() as f64;
+        self.apply_ns = Some(self.apply_ns.map_or(took, |a| Self::fold(a, took)));
+        self.publish(out);
+    }
+
+    fn closed(&mut self, took: Duration, records: u64, out: &AtomicU64) {
+        let share = took.as_nanos() as f64 / records.max(1) as f64;
+        self.close_ns = Self::fold(self.close_ns, share);
+        self.publish(out);
+    }
+
+    /// Into the lag bound's reading (`expect`'s guess stands until a
+    /// record has been applied).
+    fn publish(&self, out: &AtomicU64) {
+        if let Some(apply) = self.apply_ns {
+            out.store(((apply + self.close_ns) as u64).max(1), Ordering::Relaxed);
+        }
+    }
 }
 
 /// Applies one record under the watchdog's eye; false if the mirror failed.
@@ -519,8 +558,7 @@ fn busy<T>(s: &Shared, f: impl FnOnce() -> T) -> T {
 /// Ends a group: makes everything applied up to `seq` durable on the
 /// mirror (the syncs the group's records owe, several at once, then the
 /// filesystem), then the position, in place through `position` (opened
-/// once), and drops the log's segments before it. `started`: when the
-/// group took its first record, for the pace.
+/// once), and drops the log's segments before it.
 fn close_group(
     s: &Shared,
     mirror: &dyn Mirror,
@@ -528,8 +566,9 @@ fn close_group(
     files: &mut KeptFiles,
     position: &mut Option<OwnedFd>,
     seq: u64,
-    started: Option<Instant>,
+    pace: &mut Pace,
 ) -> bool {
+    let started = Instant::now();
     let r = busy(s, || {
         files.sync_owed()?;
         v.syncfs()?;
@@ -547,9 +586,7 @@ fn close_group(
         return false;
     }
     let before = s.durable.swap(seq, Ordering::AcqRel);
-    if let Some(started) = started {
-        measured(&s.pace, started.elapsed() / (seq.saturating_sub(before).max(1) as u32));
-    }
+    pace.closed(started.elapsed(), seq.saturating_sub(before), &s.pace);
     if let Err(e) = s.log.drop_through(seq) {
         log::warn!("cannot remove the change log's applied segments: {e}");
     }

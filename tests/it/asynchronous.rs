@@ -551,13 +551,22 @@ fn ten_crashes_under_pgbench_each_leave_a_mirror_postgres_recovers_from() {
         return;
     }
     let s = Sshfs::with_delay(Some(Duration::from_millis(10)));
-    crash_rounds(test, &s.side(), &s.remote_side(), "async,allow_other,max_lag=2", 10);
+    crash_rounds(test, &s, "async,allow_other,max_lag=2", 10);
+}
+
+/// Returns once sshfs has delivered every request it had taken: a file
+/// made and synced through it is answered after them (one connection, a
+/// server that takes requests in order). After a crash, the requests the
+/// link had accepted still land; a copy taken meanwhile would mix states.
+fn settled(s: &Sshfs) {
+    write_synced(&s.side().join(".mirrorfs").join("test-settled"), b"settled").unwrap();
 }
 
 /// `rounds` crashes under pgbench on an async mount (`opts`) of a new
 /// primary and `mirror` (whose directory is `backing` where the mirror's
 /// host has it); the last round fails the primary instead of killing.
-fn crash_rounds(test: &str, mirror: &Path, backing: &Path, opts: &str, rounds: u32) {
+fn crash_rounds(test: &str, s: &Sshfs, opts: &str, rounds: u32) {
+    let (mirror, backing) = (&s.side(), &s.remote_side());
     let work = open_tempdir();
     let primary = work.path().join("primary");
     fs::create_dir(&primary).unwrap();
@@ -609,7 +618,23 @@ fn crash_rounds(test: &str, mirror: &Path, backing: &Path, opts: &str, rounds: u
         };
         let last = round == rounds;
         if last {
-            ok(Command::new(BIN).arg("fail").arg(&m.mnt).arg("primary"));
+            // The mirror is held, so that it still lacks changes when the
+            // primary fails (the shipper can drain a backlog faster than
+            // a command starts). Failing the primary records it as stale
+            // on the mirror, which waits for sshfs.
+            let resume = s.resume_on_drop();
+            s.hang();
+            std::thread::sleep(Duration::from_millis(300));
+            let fail = Command::new(BIN)
+                .arg("fail")
+                .arg(&m.mnt)
+                .arg("primary")
+                .spawn()
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(500));
+            drop(resume);
+            let out = fail.wait_with_output().unwrap();
+            assert!(out.status.success(), "mirrorfs fail primary: {out:?}");
             let (code, st) = status_json(&m.mnt);
             assert_eq!(code, 2, "{st:#}");
             assert!(st["lost_ops"].as_u64().unwrap_or(0) > 0, "{st:#}");
@@ -620,6 +645,7 @@ fn crash_rounds(test: &str, mirror: &Path, backing: &Path, opts: &str, rounds: u
         let _ = load.kill();
         let _ = load.wait();
         let lost = |st: &Value| st["lag_ops"].as_u64().unwrap_or(0);
+        settled(s);
         let mirror_rows = check_cluster_copy(backing, work.path(), &format!("round {round}, the mirror"));
         if last {
             m.unmount();
@@ -660,15 +686,30 @@ fn a_record_the_primary_cannot_take_hands_the_mirror_to_a_resync() {
     let Some(m) = Mounted::on_sides(test, Some(&t.side()), None, "async,probe_interval=0.5") else {
         return;
     };
-    // 3 MiB of data and 3 MiB of log: 2 MiB left.
-    write_synced(&m.path("a"), &noise(3 << 20, 1)).unwrap();
+    write_synced(&m.path("a"), &noise(1 << 20, 1)).unwrap();
     wait_drained(&m.mnt, Duration::from_secs(30));
-    // 1.5 MiB fits as data; its records do not.
-    write_synced(&m.path("b"), &noise(3 << 19, 2)).unwrap();
+    // The primary is filled (outside the tree) to 288 KiB of room: b's
+    // 256 KiB of data fit, in one request, and its record does not. (The
+    // page cache may send a larger file in pieces, data and record by
+    // turns, and then the data can be what meets the end of the disk.)
+    const B: usize = 256 << 10;
+    let st = nix::sys::statvfs::statvfs(&t.side()).unwrap();
+    let room = st.blocks_available() as u64 * st.fragment_size() as u64;
+    let filler = fs::File::create(t.side().join(".mirrorfs/filler")).unwrap();
+    nix::fcntl::fallocate(
+        &filler,
+        nix::fcntl::FallocateFlags::empty(),
+        0,
+        (room - (B as u64 + (32 << 10))) as i64,
+    )
+    .unwrap();
+    write_synced(&m.path("b"), &noise(B, 2)).unwrap();
     assert!(
         !t.side().join(".mirrorfs/changelog").exists(),
         "the log that could not take a record was kept"
     );
+    drop(filler);
+    fs::remove_file(t.side().join(".mirrorfs/filler")).unwrap();
     let st = wait_resynced(&m.mnt, Duration::from_secs(60));
     let down = st["last_events"]
         .as_array()
@@ -676,7 +717,7 @@ fn a_record_the_primary_cannot_take_hands_the_mirror_to_a_resync() {
         .iter()
         .any(|e| e["event"] == "side_down" && e["op"] == "changelog" && e["errno"] == "ENOSPC");
     assert!(down, "no side_down of the mirror for the change log: {st:#}");
-    assert_eq!(fs::read(m.mirror.join("b")).unwrap(), noise(3 << 19, 2));
+    assert_eq!(fs::read(m.mirror.join("b")).unwrap(), noise(B, 2));
     m.assert_identical();
     m.finish();
 }
