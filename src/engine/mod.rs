@@ -343,7 +343,10 @@ impl Engine {
             self.health.count_error(Side::Mirror, "ship");
             self.side_failed(Side::Mirror, "ship", Some(libc::ETIMEDOUT), Subject::Mount);
         }
-        self.health.is_up(Side::Mirror)
+        // A writer held by the bound goes on once nothing will ship any
+        // more: the primary failed (the shipper is stopped) or the log
+        // was dropped.
+        self.health.is_up(Side::Mirror) && self.following().is_some()
     }
 
     /// Reports the lag passing `max_lag` (`over`) or coming back under it.
