@@ -1323,6 +1323,15 @@ mod tests {
         PathBuf::from(s)
     }
 
+    /// This process's owner, as a record names it.
+    fn me() -> Owner {
+        // SAFETY: geteuid and getegid have no failure mode.
+        Owner {
+            uid: unsafe { libc::geteuid() },
+            gid: unsafe { libc::getegid() },
+        }
+    }
+
     fn every_kind() -> Vec<Change> {
         let o = Owner { uid: 7, gid: 8 };
         vec![
@@ -1570,11 +1579,7 @@ mod tests {
 
     #[test]
     fn replaying_from_any_point_after_a_rename_ends_in_the_same_tree() {
-        // SAFETY: geteuid and getegid have no failure mode.
-        let me = Owner {
-            uid: unsafe { libc::geteuid() },
-            gid: unsafe { libc::getegid() },
-        };
+        let me = me();
         let changes = vec![
             Change::Mkdir {
                 path: p("d"),
@@ -1675,11 +1680,7 @@ mod tests {
 
     #[test]
     fn syncs_are_owed_until_sync_owed_and_follow_a_file_whose_name_moved() {
-        // SAFETY: geteuid and getegid have no failure mode.
-        let me = Owner {
-            uid: unsafe { libc::geteuid() },
-            gid: unsafe { libc::getegid() },
-        };
+        let me = me();
         let t = tempfile::tempdir().unwrap();
         let v = Volume::open(crate::spec::Side::Mirror, t.path()).unwrap();
         let mut files = KeptFiles::default();
@@ -1744,11 +1745,7 @@ mod tests {
 
     #[test]
     fn a_replayer_holds_a_bounded_number_of_files_that_owe_a_sync() {
-        // SAFETY: geteuid and getegid have no failure mode.
-        let me = Owner {
-            uid: unsafe { libc::geteuid() },
-            gid: unsafe { libc::getegid() },
-        };
+        let me = me();
         let t = tempfile::tempdir().unwrap();
         let v = Volume::open(crate::spec::Side::Mirror, t.path()).unwrap();
         let mut files = KeptFiles::default();
