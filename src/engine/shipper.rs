@@ -108,10 +108,14 @@ pub fn read_position(v: &Volume) -> io::Result<Option<Position>> {
 /// Writes the mirror's position in place (32 bytes at offset 0, never torn
 /// across a page), and makes it durable if asked.
 pub fn write_position(v: &Volume, pos: Position, durable: bool) -> io::Result<()> {
-    let fd = open_position(v)?;
-    volume::pwrite_all(fd.as_fd(), &pos.encode(), 0)?;
+    put_position(open_position(v)?.as_fd(), pos, durable)
+}
+
+/// Writes `pos` through `fd`, the position record open for writing.
+fn put_position(fd: std::os::fd::BorrowedFd<'_>, pos: Position, durable: bool) -> io::Result<()> {
+    volume::pwrite_all(fd, &pos.encode(), 0)?;
     if durable {
-        volume::fsync(fd.as_fd(), true)?;
+        volume::fsync(fd, true)?;
     }
     Ok(())
 }
@@ -576,8 +580,7 @@ fn close_group(
             Some(fd) => fd,
             None => open_position(v)?,
         };
-        volume::pwrite_all(fd.as_fd(), &Position { log_id: s.log_id, seq }.encode(), 0)?;
-        volume::fsync(fd.as_fd(), true)?;
+        put_position(fd.as_fd(), Position { log_id: s.log_id, seq }, true)?;
         *position = Some(fd);
         Ok::<(), io::Error>(())
     });
