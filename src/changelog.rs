@@ -35,10 +35,10 @@
 use std::collections::VecDeque;
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -817,8 +817,9 @@ fn segments(dir: &Path) -> io::Result<Vec<u64>> {
 }
 
 /// Reads the records of one segment file, up to the first torn one.
-/// Returns them and the length of the good prefix.
-fn read_segment(path: &Path) -> io::Result<(Vec<Record>, u64)> {
+/// Returns them, the length of the good prefix, and whether everything
+/// after it is zero (a preallocated tail, nothing torn).
+fn read_segment(path: &Path) -> io::Result<(Vec<Record>, u64, bool)> {
     let mut buf = Vec::new();
     File::open(path)?.read_to_end(&mut buf)?;
     let mut records = Vec::new();
@@ -827,7 +828,39 @@ fn read_segment(path: &Path) -> io::Result<(Vec<Record>, u64)> {
         records.push(r);
         at += n;
     }
-    Ok((records, at as u64))
+    let clean = buf[at..].iter().all(|&b| b == 0);
+    Ok((records, at as u64, clean))
+}
+
+/// Fills a new segment with zeros up to `SEGMENT` and makes that durable,
+/// so that appending to it overwrites blocks the filesystem already has:
+/// its `fdatasync` then flushes data alone, where an append that grows
+/// the file also commits the filesystem's journal (measured on ext4 under
+/// pgbench: 0.9 ms a log flush, against 0.45 ms for PostgreSQL's own
+/// flush of its preallocated WAL). Not on tmpfs (no flush to save, and
+/// the zeros would take memory); given up (the segment left empty, to be
+/// appended to) if the disk has no room for it.
+fn preallocate(f: &File, dir: &Path) -> u64 {
+    if volume::is_tmpfs(dir) {
+        return 0;
+    }
+    let zeros = vec![0u8; 1 << 20];
+    let filled = (|| {
+        let mut at = 0;
+        while at < SEGMENT {
+            f.write_all_at(&zeros, at)?;
+            at += zeros.len() as u64;
+        }
+        f.sync_all()
+    })();
+    match filled {
+        Ok(()) => SEGMENT,
+        Err(e) => {
+            log::info!("side=primary the change log's segment is not preallocated: {e}");
+            let _ = f.set_len(0);
+            0
+        }
+    }
 }
 
 /// The record at the start of `buf` and its length, if it is whole.
@@ -843,6 +876,9 @@ struct Tail {
     /// First record of the current segment, and the segment's length.
     segment: u64,
     length: u64,
+    /// Bytes of the current segment written with zeros and synced when it
+    /// was made: appends there change no metadata (see `write_out`).
+    prealloc: u64,
     /// The last record appended, and the last one known durable.
     last: u64,
     synced: u64,
@@ -877,6 +913,10 @@ pub struct Log {
     /// Chosen at random when the log is made: a position on the mirror
     /// counts in one log only.
     id: u64,
+    /// The device of the log's filesystem, and whether a file's flush on
+    /// it flushes the whole device (`write_out`).
+    device: u64,
+    shares_flush: bool,
     tail: Mutex<Tail>,
     /// The current segment's first record (`Tail::segment`), for readers:
     /// one at the end of this segment knows no next one has started.
@@ -901,17 +941,24 @@ impl Log {
         let (segment, last, length) = match firsts.last() {
             Some(&first) => {
                 let path = dir.join(segment_name(first));
-                let (records, good) = read_segment(&path)?;
-                let f = OpenOptions::new().write(true).open(&path)?;
-                f.set_len(good)?;
-                f.sync_all()?;
+                let (records, good, clean) = read_segment(&path)?;
+                if !clean {
+                    // A torn record (or records a crash wrote out of order
+                    // after it): cut off, so that nothing after the last
+                    // whole record can be read as one.
+                    let f = OpenOptions::new().write(true).open(&path)?;
+                    f.set_len(good)?;
+                    f.sync_all()?;
+                }
                 let last = records.last().map_or(first.saturating_sub(1), |r| r.seq);
                 (first, last, good)
             }
             None => (applied + 1, applied, 0),
         };
-        let file = Self::open_segment(dir, segment)?;
+        let (file, prealloc) = Self::open_segment(dir, segment)?;
         let id = Self::identity(dir)?;
+        let device = fs::metadata(dir)?.dev();
+        let shares_flush = volume::flushes_whole_device(dir);
         // What the mirror lacks from before: its age (the first record's
         // time) and size (from that record to the end).
         let mut times = VecDeque::new();
@@ -922,7 +969,10 @@ impl Log {
                 let sizes: u64 = segments(dir)?
                     .into_iter()
                     .filter(|f| *f >= r.segment)
-                    .map(|f| fs::metadata(dir.join(segment_name(f))).map_or(0, |m| m.len()))
+                    .map(|f| match f == segment {
+                        true => length,
+                        false => fs::metadata(dir.join(segment_name(f))).map_or(0, |m| m.len()),
+                    })
                     .sum();
                 bytes = sizes.saturating_sub(r.started);
                 times.push_back((first.seq, first.time_ns, 0));
@@ -934,10 +984,13 @@ impl Log {
             id,
             current: Arc::new(AtomicU64::new(segment)),
             oldest: AtomicU64::new(oldest),
+            device,
+            shares_flush,
             tail: Mutex::new(Tail {
                 file: Arc::new(file),
                 segment,
                 length,
+                prealloc,
                 last,
                 synced: last,
                 syncing: false,
@@ -987,15 +1040,28 @@ impl Log {
         self.id
     }
 
-    fn open_segment(dir: &Path, first: u64) -> io::Result<File> {
+    /// Opens segment `first` for appending (at the writer's own offset),
+    /// made if missing; returns it and how much of it is preallocated (a
+    /// new one is; an old one's zeros past its records were written and
+    /// synced when it was made, or are synced now).
+    fn open_segment(dir: &Path, first: u64) -> io::Result<(File, u64)> {
         let f = OpenOptions::new()
             .create(true)
-            .append(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
             .mode(0o600)
             .open(dir.join(segment_name(first)))?;
+        let prealloc = match f.metadata()?.len() {
+            0 => preallocate(&f, dir),
+            len => {
+                f.sync_all()?;
+                len
+            }
+        };
         // A new segment must survive a crash: its directory entry too.
         File::open(dir)?.sync_all()?;
-        Ok(f)
+        Ok((f, prealloc))
     }
 
     fn lock(&self) -> MutexGuard<'_, Tail> {
@@ -1017,7 +1083,9 @@ impl Log {
             t.file.sync_data()?;
             t.synced = t.last;
             let first = t.last + 1;
-            t.file = Arc::new(Self::open_segment(&self.dir, first)?);
+            let (file, prealloc) = Self::open_segment(&self.dir, first)?;
+            t.file = Arc::new(file);
+            t.prealloc = prealloc;
             t.segment = first;
             self.current.store(first, Ordering::Release);
             t.length = 0;
@@ -1028,7 +1096,7 @@ impl Log {
             change,
         };
         let buf = record.encode();
-        (&*t.file).write_all(&buf)?;
+        t.file.write_all_at(&buf, t.length)?;
         t.last = record.seq;
         t.length += buf.len() as u64;
         let before = t.bytes;
@@ -1074,6 +1142,50 @@ impl Log {
             r?;
         }
         Ok(())
+    }
+
+    /// Makes the log's part of an fsync of `beside` cost no flush of its
+    /// own, where that is safe: writes every record up to `seq` out to the
+    /// disk (`sync_file_range`, waited for) and returns the last record
+    /// written, which is durable once the caller has flushed `beside` and
+    /// told `flushed`. Safe when the records overwrite the preallocated
+    /// zeros (no metadata to commit: the data on the disk is all there is)
+    /// and `beside` is a regular file of the log's own filesystem, one
+    /// whose fsync ends with a flush of the whole device's cache (ext4 and
+    /// XFS, `volume::flushes_whole_device`). None otherwise: the caller
+    /// syncs the log itself. Measured (raw, ext4 on this machine): a 4 KiB
+    /// write and its flush 0.18 ms, with a log record and a second flush
+    /// 0.35 ms, with the record written out this way 0.23 ms.
+    pub fn write_out(&self, seq: u64, beside: BorrowedFd<'_>) -> io::Result<Option<u64>> {
+        if !self.shares_flush {
+            return Ok(None);
+        }
+        let st = volume::fstat(beside)?;
+        if st.st_dev != self.device || st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Ok(None);
+        }
+        let t = self.lock();
+        if seq <= t.synced {
+            return Ok(Some(t.synced));
+        }
+        if t.length > t.prealloc {
+            return Ok(None);
+        }
+        let (upto, file) = (t.last, t.file.clone());
+        drop(t);
+        // The log's pages and the file's go to the disk together; the
+        // file's flush must come after the log's have landed.
+        volume::write_out(file.as_fd(), false)?;
+        volume::write_out(beside, false)?;
+        volume::write_out(file.as_fd(), true)?;
+        Ok(Some(upto))
+    }
+
+    /// Notes that every record up to `seq`, written out by `write_out`, was
+    /// made durable by the flush that followed it.
+    pub fn flushed(&self, seq: u64) {
+        let mut t = self.lock();
+        t.synced = t.synced.max(seq);
     }
 
     /// The last record appended.
@@ -1146,11 +1258,18 @@ impl Log {
         Ok(())
     }
 
-    /// Bytes the log holds on disk.
+    /// Bytes of records the log holds (a preallocated tail not counted).
     pub fn size(&self) -> io::Result<u64> {
+        let (current, length) = {
+            let t = self.lock();
+            (t.segment, t.length)
+        };
         let mut total = 0;
         for first in segments(&self.dir)? {
-            total += fs::metadata(self.dir.join(segment_name(first)))?.len();
+            total += match first == current {
+                true => length,
+                false => fs::metadata(self.dir.join(segment_name(first)))?.len(),
+            };
         }
         Ok(total)
     }
@@ -1256,7 +1375,8 @@ impl Reader {
             }
             let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as u64;
             let seq = u64::from_le_bytes(head[4..12].try_into().unwrap_or_default());
-            if seq >= want {
+            // A zero length: the preallocated end of what was appended.
+            if len == 0 || seq >= want {
                 break;
             }
             offset += 4 + len;
@@ -1280,7 +1400,15 @@ impl Reader {
                 return Ok(None);
             }
             let offset = self.offset;
-            let Some(len) = self.bytes_at(offset, 4)? else {
+            let len = self
+                .bytes_at(offset, 4)?
+                .map(|l| u32::from_le_bytes(l.try_into().unwrap_or_default()));
+            if len == Some(0) {
+                // The preallocated end of what was appended: read again
+                // from the file next time.
+                self.chunk.clear();
+            }
+            let Some(n) = len.filter(|&n| n > 0) else {
                 // At the end of this segment: go on in the next one if it
                 // has been started (never while this one is the log's
                 // current segment).
@@ -1293,7 +1421,7 @@ impl Reader {
                 }
                 return Ok(None);
             };
-            let n = u32::from_le_bytes(len.try_into().unwrap_or_default()) as usize;
+            let n = n as usize;
             // Being appended: read it next time, from the file again.
             let Some(body) = self.bytes_at(offset + 4, n)? else {
                 return Ok(None);
@@ -1502,15 +1630,14 @@ mod tests {
         for _ in 0..3 {
             log.append(Change::Unlink { path: p("x") }).unwrap();
         }
+        let len = log.size().unwrap();
         drop(log);
-        let seg = dir.join(segment_name(1));
-        let len = fs::metadata(&seg).unwrap().len();
-        OpenOptions::new()
-            .write(true)
-            .open(&seg)
-            .unwrap()
-            .set_len(len - 5)
-            .unwrap();
+        // The third record torn (its last bytes never written), and bytes
+        // further on written (a crash's writeback out of order).
+        let seg = OpenOptions::new().write(true).open(dir.join(segment_name(1))).unwrap();
+        seg.write_all_at(&[0; 5], len - 5).unwrap();
+        seg.write_all_at(&[0xa5; 100], len + 1000).unwrap();
+        drop(seg);
         let log = Log::open(&dir, 0).unwrap();
         assert_eq!(log.last(), 2);
         assert_eq!(log.append(Change::Unlink { path: p("y") }).unwrap(), 3);
@@ -1518,6 +1645,75 @@ mod tests {
         let got: Vec<Record> = std::iter::from_fn(|| r.read_next().unwrap()).collect();
         assert_eq!(got.len(), 3);
         assert_eq!(got[2].change, Change::Unlink { path: p("y") });
+    }
+
+    #[test]
+    fn records_ride_on_a_files_flush_only_inside_the_preallocated_segment() {
+        let t = tempfile::tempdir().unwrap();
+        if !volume::flushes_whole_device(t.path()) || volume::is_tmpfs(t.path()) {
+            // A filesystem whose flush is not known to cover the device.
+            let log = Log::open(&t.path().join(DIR), 0).unwrap();
+            let f = File::create(t.path().join("f")).unwrap();
+            log.append(Change::Unlink { path: p("x") }).unwrap();
+            assert_eq!(log.write_out(1, f.as_fd()).unwrap(), None);
+            return;
+        }
+        let dir = t.path().join(DIR);
+        let log = Log::open(&dir, 0).unwrap();
+        let seg = dir.join(segment_name(1));
+        assert_eq!(
+            fs::metadata(&seg).unwrap().len(),
+            SEGMENT,
+            "a new segment is preallocated"
+        );
+        let f = File::create(t.path().join("f")).unwrap();
+        let seq = log.append(Change::Unlink { path: p("x") }).unwrap();
+        assert_eq!(log.write_out(seq, f.as_fd()).unwrap(), Some(seq));
+        // Written out (not dirty in the page cache any more), not yet durable.
+        assert!(log.lock().synced < seq);
+        log.flushed(seq);
+        assert_eq!(log.lock().synced, seq);
+        // Not beside a directory, nor a file of another filesystem.
+        let seq = log.append(Change::Unlink { path: p("y") }).unwrap();
+        assert_eq!(log.write_out(seq, File::open(t.path()).unwrap().as_fd()).unwrap(), None);
+        let shm = tempfile::tempfile_in("/dev/shm").unwrap();
+        assert_eq!(log.write_out(seq, shm.as_fd()).unwrap(), None);
+        // Past the preallocated end, an append grows the file: its own sync.
+        let data = vec![7u8; 1 << 20];
+        let mut last = seq;
+        while log.lock().length <= SEGMENT {
+            last = log
+                .append(Change::Write {
+                    path: p("big"),
+                    offset: 0,
+                    data: data.clone(),
+                })
+                .unwrap();
+        }
+        assert_eq!(log.write_out(last, f.as_fd()).unwrap(), None);
+        drop(log);
+        // Reopened: the records are all there, the zeros are not records.
+        let log = Log::open(&dir, 0).unwrap();
+        assert_eq!(log.last(), last);
+        let mut r = log.reader(0);
+        assert_eq!(std::iter::from_fn(|| r.read_next().unwrap()).count() as u64, last);
+    }
+
+    #[test]
+    fn a_reader_waits_at_the_preallocated_end_and_reads_what_comes_after() {
+        let t = tempfile::tempdir().unwrap();
+        let log = Log::open(&t.path().join(DIR), 0).unwrap();
+        let mut r = log.reader(0);
+        assert!(r.read_next().unwrap().is_none());
+        log.append(Change::Unlink { path: p("a") }).unwrap();
+        assert_eq!(r.read_next().unwrap().unwrap().seq, 1);
+        assert!(r.read_next().unwrap().is_none());
+        log.append(Change::Unlink { path: p("b") }).unwrap();
+        assert_eq!(r.read_next().unwrap().unwrap().change, Change::Unlink { path: p("b") });
+        // A reader started after the end finds its place by the zeros.
+        assert!(log.reader(2).read_next().unwrap().is_none());
+        log.append(Change::Unlink { path: p("c") }).unwrap();
+        assert_eq!(log.reader(2).read_next().unwrap().unwrap().seq, 3);
     }
 
     #[test]

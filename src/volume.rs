@@ -647,6 +647,32 @@ pub fn fstat(fd: BorrowedFd<'_>) -> io::Result<Stat> {
     fstat_raw(fd.as_raw_fd())
 }
 
+/// Whether an fsync of any file on the filesystem of `path` ends with a
+/// flush of its whole device's write cache, one that makes every write
+/// the disk has completed durable: ext4 (a journal commit's flush, or an
+/// explicit one when no commit is needed) and XFS (a log force's flush,
+/// or an explicit one). Not assumed of any other filesystem.
+pub fn flushes_whole_device(path: &Path) -> bool {
+    use nix::sys::statfs::{EXT4_SUPER_MAGIC, XFS_SUPER_MAGIC, statfs};
+    statfs(path).is_ok_and(|s| [EXT4_SUPER_MAGIC, XFS_SUPER_MAGIC].contains(&s.filesystem_type()))
+}
+
+/// Starts writing `fd`'s dirty pages to the disk; with `wait`, returns
+/// once every one is written (not flushed: see `flushes_whole_device`).
+pub fn write_out(fd: BorrowedFd<'_>, wait: bool) -> io::Result<()> {
+    let flags = match wait {
+        true => libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+        false => libc::SYNC_FILE_RANGE_WRITE,
+    };
+    // SAFETY: a valid fd; offset 0 and length 0 cover the whole file.
+    cvt(unsafe { libc::sync_file_range(fd.as_raw_fd(), 0, 0, flags) }).map(drop)
+}
+
+/// Whether `path` is on a tmpfs (memory: nothing there is flushed).
+pub fn is_tmpfs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
+}
+
 fn read_dir_fd(fd: OwnedFd) -> io::Result<Vec<DirEntry>> {
     let mut dir = nix::dir::Dir::from_fd(fd).map_err(io::Error::from)?;
     let mut out = Vec::new();
