@@ -647,14 +647,15 @@ pub fn fstat(fd: BorrowedFd<'_>) -> io::Result<Stat> {
     fstat_raw(fd.as_raw_fd())
 }
 
-/// Whether an fsync of any file on the filesystem of `path` ends with a
-/// flush of its whole device's write cache, one that makes every write
-/// the disk has completed durable: ext4 (a journal commit's flush, or an
-/// explicit one when no commit is needed) and XFS (a log force's flush,
-/// or an explicit one). Not assumed of any other filesystem.
+/// Whether an fsync of any regular file on the filesystem of `path` ends
+/// with a flush of the one device's write cache, one that makes every
+/// write the disk has completed durable. ext4: `ext4_sync_file` flushes
+/// through the journal commit's preflush, or explicitly when no commit is
+/// needed. Not assumed of any other filesystem (XFS flushes the realtime
+/// device alone for a realtime file, which has the same `st_dev`).
 pub fn flushes_whole_device(path: &Path) -> bool {
-    use nix::sys::statfs::{EXT4_SUPER_MAGIC, XFS_SUPER_MAGIC, statfs};
-    statfs(path).is_ok_and(|s| [EXT4_SUPER_MAGIC, XFS_SUPER_MAGIC].contains(&s.filesystem_type()))
+    use nix::sys::statfs::{EXT4_SUPER_MAGIC, statfs};
+    statfs(path).is_ok_and(|s| s.filesystem_type() == EXT4_SUPER_MAGIC)
 }
 
 /// Starts writing `fd`'s dirty pages to the disk; with `wait`, returns
