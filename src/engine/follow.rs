@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use crate::changelog::{Lag, Log};
 
-use super::shipper::Shipper;
+use super::shipper::{Forecast, Shipper};
 
 /// How long a writer held by the lag bound sleeps between looks.
 const THROTTLE_STEP: Duration = Duration::from_millis(5);
@@ -116,8 +116,8 @@ pub struct Follow {
     /// The log passed `max_log` while the mirror was down: dropped, and the
     /// mount runs as in sync mode.
     pub overflowed: AtomicBool,
-    /// The shipper's cost per record, in ns (`Shipper::pace`).
-    pace: Arc<AtomicU64>,
+    /// The shipper's costs (`Shipper::pace`).
+    pace: Arc<Forecast>,
     /// Counts the changes that may move names (each takes `names`
     /// exclusively): an open file's path read in one generation holds
     /// for as long as it lasts.
@@ -167,7 +167,7 @@ impl Follow {
         let bound = self.max_lag.as_secs_f64();
         loop {
             let lag = self.log.lag();
-            let ahead = lag.ops as f64 * self.pace.load(Ordering::Relaxed) as f64 / 1e9;
+            let ahead = self.pace.backlog_secs(lag.ops);
             let over = lag.seconds > bound || ahead > bound;
             if over && mirror_up() {
                 if !self.exceeded.swap(true, Ordering::AcqRel) {

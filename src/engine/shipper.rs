@@ -160,9 +160,33 @@ struct Shared {
     shipped: AtomicU64,
     /// Of those, the times not sent because a later record set them again.
     skipped: AtomicU64,
-    /// What one record costs to ship, in ns (`Pace`): read by the lag
-    /// bound to foresee how long the backlog will take.
-    pace: Arc<AtomicU64>,
+    /// What shipping costs (`Pace`): read by the lag bound to foresee how
+    /// long the backlog will take.
+    pace: Arc<Forecast>,
+}
+
+/// The shipper's measured costs, for the lag bound: applying one record,
+/// and ending one group, in ns (0 until measured or expected).
+#[derive(Default)]
+pub struct Forecast {
+    per_record: AtomicU64,
+    per_group: AtomicU64,
+}
+
+impl Forecast {
+    /// How long the shipper would take to ship a backlog of `ops` records,
+    /// in seconds: each applied, in groups as a backlog is shipped (full
+    /// ones of `BATCH` records, or of `CHECKPOINT`'s time if applying that
+    /// many takes longer), each group ended once.
+    pub fn backlog_secs(&self, ops: u64) -> f64 {
+        let record = self.per_record.load(Ordering::Relaxed) as f64 / 1e9;
+        let group = self.per_group.load(Ordering::Relaxed) as f64 / 1e9;
+        let applying = ops as f64 * record;
+        let groups = (ops as f64 / BATCH as f64)
+            .ceil()
+            .max(applying / CHECKPOINT.as_secs_f64());
+        applying + groups * group
+    }
 }
 
 /// The shipping thread.
@@ -185,7 +209,7 @@ impl Shipper {
             durable: AtomicU64::new(from),
             shipped: AtomicU64::new(0),
             skipped: AtomicU64::new(0),
-            pace: Arc::new(AtomicU64::new(0)),
+            pace: Arc::new(Forecast::default()),
         });
         let s = shared.clone();
         let thread = thread::Builder::new()
@@ -212,19 +236,21 @@ impl Shipper {
         self.shared.skipped.load(Ordering::Relaxed)
     }
 
-    /// The cost of shipping one record, in ns, as it is measured (0 until
-    /// a first record or `expect` gives it).
-    pub fn pace(&self) -> Arc<AtomicU64> {
+    /// The cost of shipping, as it is measured (nothing until a first
+    /// record or `expect` gives it).
+    pub fn pace(&self) -> Arc<Forecast> {
         self.shared.pace.clone()
     }
 
     /// Sets the expected cost of one record before any is measured (the
     /// time of a small durable write on the mirror).
     pub fn expect(&self, per_record: Duration) {
-        let _ = self
-            .shared
-            .pace
-            .compare_exchange(0, per_record.as_nanos() as u64, Ordering::AcqRel, Ordering::Acquire);
+        let _ = self.shared.pace.per_record.compare_exchange(
+            0,
+            per_record.as_nanos() as u64,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
     }
 
     /// How long the call in progress on the mirror has run, if one is.
@@ -411,14 +437,17 @@ fn ship(s: &Shared, mirror: &dyn Mirror) {
     }
 }
 
-/// The shipper's cost per record, in two parts measured apart: applying
-/// it, a moving average over records (weight 1/8, so that a run of large
-/// records, a new WAL segment's, is forgotten a few records later), and
-/// its share of its group's end, a moving average over groups.
+/// The shipper's costs, measured apart: applying a record, a moving
+/// average over records (weight 1/8, so that a run of large records, a
+/// new WAL segment's, is forgotten a few records later), and ending a
+/// group, a moving average over groups. (A group's end used to be counted
+/// as a share of each of its records: a drained shipper ends small
+/// groups, and their shares foresaw a backlog, which is shipped in full
+/// groups, as several times slower than it is.)
 #[derive(Default)]
 struct Pace {
     apply_ns: Option<f64>,
-    close_ns: f64,
+    close_ns: Option<f64>,
 }
 
 impl Pace {
@@ -426,24 +455,19 @@ impl Pace {
         avg + (sample - avg) / 8.0
     }
 
-    fn applied(&mut self, took: Duration, out: &AtomicU64) {
+    fn applied(&mut self, took: Duration, out: &Forecast) {
         let took = took.as_nanos() as f64;
-        self.apply_ns = Some(self.apply_ns.map_or(took, |a| Self::fold(a, took)));
-        self.publish(out);
+        let apply = self.apply_ns.map_or(took, |a| Self::fold(a, took));
+        self.apply_ns = Some(apply);
+        // `expect`'s guess stands until a record has been applied.
+        out.per_record.store((apply as u64).max(1), Ordering::Relaxed);
     }
 
-    fn closed(&mut self, took: Duration, records: u64, out: &AtomicU64) {
-        let share = took.as_nanos() as f64 / records.max(1) as f64;
-        self.close_ns = Self::fold(self.close_ns, share);
-        self.publish(out);
-    }
-
-    /// Into the lag bound's reading (`expect`'s guess stands until a
-    /// record has been applied).
-    fn publish(&self, out: &AtomicU64) {
-        if let Some(apply) = self.apply_ns {
-            out.store(((apply + self.close_ns) as u64).max(1), Ordering::Relaxed);
-        }
+    fn closed(&mut self, took: Duration, out: &Forecast) {
+        let took = took.as_nanos() as f64;
+        let close = self.close_ns.map_or(took, |c| Self::fold(c, took));
+        self.close_ns = Some(close);
+        out.per_group.store(close as u64, Ordering::Relaxed);
     }
 }
 
@@ -588,8 +612,8 @@ fn close_group(
         report(mirror, "checkpoint", &e, &position_path());
         return false;
     }
-    let before = s.durable.swap(seq, Ordering::AcqRel);
-    pace.closed(started.elapsed(), seq.saturating_sub(before), &s.pace);
+    s.durable.store(seq, Ordering::Release);
+    pace.closed(started.elapsed(), &s.pace);
     if let Err(e) = s.log.drop_through(seq) {
         log::warn!("cannot remove the change log's applied segments: {e}");
     }
@@ -675,6 +699,25 @@ mod tests {
             uid: unsafe { libc::geteuid() },
             gid: unsafe { libc::getegid() },
         }
+    }
+
+    #[test]
+    fn the_backlog_is_foreseen_in_full_groups_each_ended_once() {
+        let f = Forecast::default();
+        assert_eq!(f.backlog_secs(1000), 0.0, "nothing measured, nothing foreseen");
+        let mut pace = Pace::default();
+        pace.applied(Duration::from_micros(500), &f);
+        // A drained shipper's group: 2 records, ended in 40 ms.
+        pace.closed(Duration::from_millis(40), &f);
+        // 512 records: two full groups, not 256 groups of two.
+        let secs = f.backlog_secs(512);
+        assert!((secs - (512.0 * 0.0005 + 2.0 * 0.040)).abs() < 1e-9, "{secs}");
+        // Slow records: a group ends at CHECKPOINT (1 s), before it is full.
+        pace.applied(Duration::from_millis(200), &f);
+        let record = f.per_record.load(Ordering::Relaxed) as f64 / 1e9;
+        let secs = f.backlog_secs(256);
+        let applying = 256.0 * record;
+        assert!((secs - (applying + applying * 0.040)).abs() < 1e-6, "{secs}");
     }
 
     #[test]
