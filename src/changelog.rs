@@ -58,6 +58,9 @@ const ID: &str = "id";
 /// the mirror has applied can be removed a segment at a time.
 const SEGMENT: u64 = 64 << 20;
 
+/// A segment is preallocated only where the disk has this much free.
+const ROOM_TO_PREALLOCATE: u64 = 16 * SEGMENT;
+
 /// The next segment, made and preallocated ahead (`Log::prepare_spare`).
 const SPARE: &str = "spare";
 
@@ -849,10 +852,17 @@ fn read_segment(path: &Path) -> io::Result<(Vec<Record>, u64, bool)> {
 /// the file also commits the filesystem's journal (measured on ext4 under
 /// pgbench: 0.9 ms a log flush, against 0.45 ms for PostgreSQL's own
 /// flush of its preallocated WAL). Not on tmpfs (no flush to save, and
-/// the zeros would take memory); given up (the segment left empty, to be
-/// appended to) if the disk has no room for it.
+/// the zeros would take memory), nor where the disk has less than
+/// `ROOM_TO_PREALLOCATE` free (filling the last of a disk with zeros, even
+/// for a moment, could refuse the primary's own writes); given up (the
+/// segment left empty, to be appended to) if the zeros do not fit.
 fn preallocate(f: &File, dir: &Path) -> u64 {
     if volume::is_tmpfs(dir) {
+        return 0;
+    }
+    let free = nix::sys::statvfs::fstatvfs(f).map_or(0, |s| s.blocks_available().saturating_mul(s.fragment_size()));
+    if free < ROOM_TO_PREALLOCATE {
+        log::info!("side=primary the change log's segment is not preallocated: {free} bytes free");
         return 0;
     }
     let zeros = vec![0u8; 1 << 20];
@@ -1239,7 +1249,9 @@ impl Log {
         // The log's pages and the file's go to the disk together; the
         // file's flush must come after the log's have landed.
         volume::write_out(file.as_fd(), false)?;
-        volume::write_out(beside, false)?;
+        // Only started: its errors are the caller's fsync's to report,
+        // through the engine (a wait here would take them from it).
+        let _ = volume::write_out(beside, false);
         volume::write_out(file.as_fd(), true)?;
         Ok(Some(upto))
     }
