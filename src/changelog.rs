@@ -1333,22 +1333,6 @@ impl Log {
         Ok(())
     }
 
-    /// Bytes of records the log holds (a preallocated tail not counted).
-    pub fn size(&self) -> io::Result<u64> {
-        let (current, length) = {
-            let t = self.lock();
-            (t.segment, t.length)
-        };
-        let mut total = 0;
-        for first in segments(&self.dir)? {
-            total += match first == current {
-                true => length,
-                false => fs::metadata(self.dir.join(segment_name(first)))?.len(),
-            };
-        }
-        Ok(total)
-    }
-
     /// A reader of the records after `seq`.
     pub fn reader(&self, seq: u64) -> Reader {
         Reader::new(&self.dir, seq, Some(self.current.clone()))
@@ -1705,7 +1689,7 @@ mod tests {
         for _ in 0..3 {
             log.append(Change::Unlink { path: p("x") }).unwrap();
         }
-        let len = log.size().unwrap();
+        let len = log.lock().length;
         drop(log);
         // The third record torn (its last bytes never written), and bytes
         // further on written (a crash's writeback out of order).
