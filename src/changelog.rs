@@ -223,6 +223,22 @@ impl Change {
         )
     }
 
+    /// True for a change of a file's data or times, or a barrier: a
+    /// replayer applies it through the file it keeps open, with no walk of
+    /// the path, and a run of them is one call (the shipper's `Run`). The
+    /// others change names or metadata by path, each a round trip or more
+    /// on a network mirror; the lag bound foresees the two apart.
+    pub fn is_data(&self) -> bool {
+        matches!(
+            self,
+            Change::Write { .. }
+                | Change::Truncate { .. }
+                | Change::Fallocate { .. }
+                | Change::Fsync { .. }
+                | Change::Times { .. }
+        )
+    }
+
     /// The bytes of data it carries (for the lag in bytes).
     pub fn data_len(&self) -> usize {
         match self {
@@ -908,9 +924,12 @@ struct Tail {
     /// Bytes appended since the log was opened, and the bytes appended up
     /// to each entry of `times`.
     bytes: u64,
-    /// (first record, its time, bytes before it): one entry per `TICK_NS`
-    /// of appends, for the age and size of what is not yet applied.
-    times: VecDeque<(u64, u64, u64)>,
+    /// Records appended since the log was opened that are not data
+    /// (`Change::is_data`).
+    names: u64,
+    /// One entry per `TICK_NS` of appends, for the age, size and make of
+    /// what is not yet applied.
+    times: VecDeque<Tick>,
     /// The last record the mirror has, as told by `applied`.
     applied: u64,
     /// Readers waiting in `wait_after` (an append wakes them only if
@@ -920,12 +939,26 @@ struct Tail {
     sync_waiters: usize,
 }
 
+/// An entry of the log's time index: its first record, that record's
+/// time, and the bytes and the records that are not data appended before it.
+#[derive(Clone, Copy)]
+struct Tick {
+    first: u64,
+    at: u64,
+    bytes: u64,
+    names: u64,
+}
+
 /// How far the mirror is behind.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Lag {
     pub seconds: f64,
     pub bytes: u64,
     pub ops: u64,
+    /// Of `ops`, those that are not data (`Change::is_data`), counted from
+    /// the start of the tick the first of them is in; a backlog found when
+    /// the log is opened counts as data.
+    pub names: u64,
 }
 
 /// The change log of a primary.
@@ -1000,7 +1033,12 @@ impl Log {
                     })
                     .sum();
                 bytes = sizes.saturating_sub(r.started);
-                times.push_back((first.seq, first.time_ns, 0));
+                times.push_back(Tick {
+                    first: first.seq,
+                    at: first.time_ns,
+                    bytes: 0,
+                    names: 0,
+                });
             }
         }
         let oldest = firsts.first().copied().unwrap_or(segment);
@@ -1021,6 +1059,7 @@ impl Log {
                 synced: last,
                 syncing: false,
                 bytes,
+                names: 0,
                 times,
                 applied: applied.min(last),
                 waiters: 0,
@@ -1136,11 +1175,17 @@ impl Log {
         t.file.write_all_at(&buf, t.length)?;
         t.last = record.seq;
         t.length += buf.len() as u64;
-        let before = t.bytes;
+        let tick = Tick {
+            first: record.seq,
+            at: record.time_ns,
+            bytes: t.bytes,
+            names: t.names,
+        };
         t.bytes += buf.len() as u64;
+        t.names += u64::from(!record.change.is_data());
         match t.times.back() {
-            Some(&(_, at, _)) if record.time_ns < at + TICK_NS => {}
-            _ => t.times.push_back((record.seq, record.time_ns, before)),
+            Some(last) if record.time_ns < last.at + TICK_NS => {}
+            _ => t.times.push_back(tick),
         }
         let waiters = t.waiters;
         let half_full = t.prealloc > 0 && t.length > SEGMENT / 2;
@@ -1289,7 +1334,7 @@ impl Log {
     pub fn applied(&self, seq: u64) {
         let mut t = self.lock();
         t.applied = t.applied.max(seq);
-        while t.times.len() > 1 && t.times[1].0 <= t.applied + 1 {
+        while t.times.len() > 1 && t.times[1].first <= t.applied + 1 {
             t.times.pop_front();
         }
         if t.applied >= t.last {
@@ -1302,10 +1347,11 @@ impl Log {
         let t = self.lock();
         let ops = t.last.saturating_sub(t.applied);
         match t.times.front() {
-            Some(&(_, at, before)) if ops > 0 => Lag {
-                seconds: now_ns().saturating_sub(at) as f64 / 1e9,
-                bytes: t.bytes.saturating_sub(before),
+            Some(tick) if ops > 0 => Lag {
+                seconds: now_ns().saturating_sub(tick.at) as f64 / 1e9,
+                bytes: t.bytes.saturating_sub(tick.bytes),
                 ops,
+                names: t.names.saturating_sub(tick.names).min(ops),
             },
             _ => Lag::default(),
         }
@@ -1815,15 +1861,20 @@ mod tests {
         log.append(Change::Unlink { path: p("x") }).unwrap();
         std::thread::sleep(Duration::from_millis(30));
         log.append(Change::Unlink { path: p("y") }).unwrap();
+        log.append(Change::Fsync {
+            path: p("z"),
+            datasync: true,
+        })
+        .unwrap();
         let lag = log.lag();
-        assert_eq!(lag.ops, 2);
+        assert_eq!((lag.ops, lag.names), (3, 2), "two unlinks, one barrier");
         assert!(lag.seconds >= 0.03, "{lag:?}");
         assert!(lag.bytes > 0);
         log.applied(1);
         let lag = log.lag();
-        assert_eq!(lag.ops, 1);
+        assert_eq!((lag.ops, lag.names), (2, 1));
         assert!(lag.seconds < 0.03, "{lag:?}");
-        log.applied(2);
+        log.applied(3);
         assert_eq!(log.lag(), Lag::default());
     }
 

@@ -7,7 +7,8 @@
 //! or a divergence does are the engine's (`Mirror`).
 //!
 //! Groups: records are applied one call at a time, in order, so the
-//! mirror's tree passes through the primary's states; nothing is synced
+//! mirror's tree passes through the primary's states (a run of records on
+//! one file is one call: `Run`); nothing is synced
 //! inside a group (a barrier, like a data record, leaves its file owing a
 //! sync: `KeptFiles`). A group ends after `BATCH` records, right after a
 //! `Rename` or `Link`, after `CHECKPOINT`, or when the log is drained; its
@@ -165,23 +166,31 @@ struct Shared {
     pace: Arc<Forecast>,
 }
 
-/// The shipper's measured costs, for the lag bound: applying one record,
-/// and ending one group, in ns (0 until measured or expected).
+/// The shipper's measured costs, for the lag bound: applying one record of
+/// data (`Change::is_data`), one that changes names or metadata, and
+/// ending one group, in ns (0 until measured or expected). The two kinds
+/// of records are apart because on a network mirror their costs are far
+/// apart (a name's change is a round trip or more; data goes through a
+/// file kept open, a run of it in one call), and a backlog can be mostly
+/// one kind: a database's start changes names, its load writes data.
 #[derive(Default)]
 pub struct Forecast {
-    per_record: AtomicU64,
+    per_data: AtomicU64,
+    per_name: AtomicU64,
     per_group: AtomicU64,
 }
 
 impl Forecast {
     /// How long the shipper would take to ship a backlog of `ops` records,
-    /// in seconds: each applied, in groups as a backlog is shipped (full
-    /// ones of `BATCH` records, or of `CHECKPOINT`'s time if applying that
-    /// many takes longer), each group ended once.
-    pub fn backlog_secs(&self, ops: u64) -> f64 {
-        let record = self.per_record.load(Ordering::Relaxed) as f64 / 1e9;
-        let group = self.per_group.load(Ordering::Relaxed) as f64 / 1e9;
-        let applying = ops as f64 * record;
+    /// `names` of them not data, in seconds: each applied, in groups as a
+    /// backlog is shipped (full ones of `BATCH` records, or of
+    /// `CHECKPOINT`'s time if applying that many takes longer), each group
+    /// ended once.
+    pub fn backlog_secs(&self, ops: u64, names: u64) -> f64 {
+        let secs = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64 / 1e9;
+        let group = secs(&self.per_group);
+        let names = names.min(ops);
+        let applying = (ops - names) as f64 * secs(&self.per_data) + names as f64 * secs(&self.per_name);
         let groups = (ops as f64 / BATCH as f64)
             .ceil()
             .max(applying / CHECKPOINT.as_secs_f64());
@@ -242,12 +251,16 @@ impl Shipper {
         self.shared.pace.clone()
     }
 
-    /// Sets the expected cost of one record before any is measured (the
-    /// time of a small durable write on the mirror).
-    pub fn expect(&self, per_record: Duration) {
-        let _ = self.shared.pace.per_record.compare_exchange(
+    /// Sets the expected cost of a record that changes names or metadata
+    /// before one is measured (the time of a small durable write on the
+    /// mirror: a few round trips to a distant one). Data is not expected
+    /// to cost anything until it is measured, which its first record is:
+    /// a durable write is no measure of a write streamed to a file kept
+    /// open, and the age of the oldest change bounds the lag meanwhile.
+    pub fn expect(&self, per_name: Duration) {
+        let _ = self.shared.pace.per_name.compare_exchange(
             0,
-            per_record.as_nanos() as u64,
+            per_name.as_nanos() as u64,
             Ordering::AcqRel,
             Ordering::Acquire,
         );
@@ -411,8 +424,10 @@ fn ship(s: &Shared, mirror: &dyn Mirror) {
         // mirror a utimensat costs two round trips, and the writeback
         // cache sends one before each fsync of a written file.
         let skip = reader.superseded(&record.change);
-        let applied = apply(s, mirror, &v, &record, again, &mut files, skip);
-        pace.applied(started.elapsed(), &s.pace);
+        let mut record = record;
+        let run = reader.take_run(&mut record);
+        let applied = apply(s, mirror, &v, &record, again, &mut files, skip, &run);
+        pace.applied(started.elapsed(), 1 + run.folded, record.change.is_data(), &s.pace);
         if !applied {
             // The mirror failed: shipping resumes from what is durable.
             files.forget();
@@ -437,16 +452,18 @@ fn ship(s: &Shared, mirror: &dyn Mirror) {
     }
 }
 
-/// The shipper's costs, measured apart: applying a record, a moving
-/// average over records (weight 1/8, so that a run of large records, a
-/// new WAL segment's, is forgotten a few records later), and ending a
-/// group, a moving average over groups. (A group's end used to be counted
-/// as a share of each of its records: a drained shipper ends small
-/// groups, and their shares foresaw a backlog, which is shipped in full
-/// groups, as several times slower than it is.)
+/// The shipper's costs, measured apart (`Forecast`): applying a record of
+/// data, and one that is not, each a moving average over its kind's
+/// records (weight 1/8, so that a run of large records, a new WAL
+/// segment's, is forgotten a few records later), and ending a group, a
+/// moving average over groups. (A group's end used to be counted as a
+/// share of each of its records: a drained shipper ends small groups, and
+/// their shares foresaw a backlog, which is shipped in full groups, as
+/// several times slower than it is.)
 #[derive(Default)]
 struct Pace {
-    apply_ns: Option<f64>,
+    data_ns: Option<f64>,
+    name_ns: Option<f64>,
     close_ns: Option<f64>,
 }
 
@@ -455,12 +472,21 @@ impl Pace {
         avg + (sample - avg) / 8.0
     }
 
-    fn applied(&mut self, took: Duration, out: &Forecast) {
-        let took = took.as_nanos() as f64;
-        let apply = self.apply_ns.map_or(took, |a| Self::fold(a, took));
-        self.apply_ns = Some(apply);
-        // `expect`'s guess stands until a record has been applied.
-        out.per_record.store((apply as u64).max(1), Ordering::Relaxed);
+    /// `records` applied in `took` (a run is one call for several), of
+    /// data or not.
+    fn applied(&mut self, took: Duration, records: u64, data: bool, out: &Forecast) {
+        let (avg, per) = match data {
+            true => (&mut self.data_ns, &out.per_data),
+            false => (&mut self.name_ns, &out.per_name),
+        };
+        let took = took.as_nanos() as f64 / records.max(1) as f64;
+        let mut apply = avg.unwrap_or(took);
+        for _ in 0..records.max(1) {
+            apply = Self::fold(apply, took);
+        }
+        *avg = Some(apply);
+        // `expect`'s guess stands until a record of its kind is applied.
+        per.store((apply as u64).max(1), Ordering::Relaxed);
     }
 
     fn closed(&mut self, took: Duration, out: &Forecast) {
@@ -471,8 +497,10 @@ impl Pace {
     }
 }
 
-/// Applies one record under the watchdog's eye; false if the mirror failed.
-/// `skip`: counted as applied without a call (superseded).
+/// Applies one record, and the run folded into it, under the watchdog's
+/// eye; false if the mirror failed. `skip`: counted as applied without a
+/// call (superseded).
+#[allow(clippy::too_many_arguments)]
 fn apply(
     s: &Shared,
     mirror: &dyn Mirror,
@@ -481,12 +509,24 @@ fn apply(
     again: bool,
     files: &mut KeptFiles,
     skip: bool,
+    run: &Run,
 ) -> bool {
     let res = if skip {
         s.skipped.fetch_add(1, Ordering::Relaxed);
         Ok(())
     } else {
-        busy(s, || r.change.apply_with(v, again, files))
+        busy(s, || {
+            r.change.apply_with(v, again, files)?;
+            match run.barrier {
+                // The run's barriers are owed like any barrier, together.
+                Some(datasync) => Change::Fsync {
+                    path: subject(&r.change).to_path_buf(),
+                    datasync,
+                }
+                .apply_with(v, again, files),
+                None => Ok(()),
+            }
+        })
     };
     if s.stop.load(Ordering::Acquire) {
         // Replaced while this call hung: what it did is the new shipper's
@@ -508,13 +548,66 @@ fn apply(
         }
     }
     s.applied.store(r.seq, Ordering::Release);
-    s.shipped.fetch_add(1, Ordering::Relaxed);
+    s.shipped.fetch_add(1 + run.folded, Ordering::Relaxed);
+    s.skipped.fetch_add(run.skipped, Ordering::Relaxed);
     s.log.applied(r.seq);
     true
 }
 
 /// How many records the shipper reads ahead of the one it applies.
 const LOOKAHEAD: usize = 64;
+
+/// The largest write a run makes of its records (the size of one FUSE
+/// write by default, so that a run on a FUSE mirror is one request).
+const RUN_MAX: u64 = 128 << 10;
+
+/// The records after a write that are folded into it and applied with it
+/// in one call (`Ahead::take_run`): they touch the same file, and nothing
+/// else lies between them. On a network mirror each call is a round trip
+/// and a share of the link's CPU, and a database's log is written as a
+/// run of such records (a write of the log's last pages, the times the
+/// writeback cache sets, the flush; again for the next commit, over the
+/// same pages).
+///
+/// The run is applied as the write of one extent (the records' writes,
+/// each over the ones before it), then one barrier, the strongest of
+/// theirs (barriers are owed until the group's end anyway). The mirror
+/// goes from the state before the run to the state after it, both the
+/// primary's; no other file's state is seen out of order, since nothing
+/// of another file lies between.
+#[derive(Default)]
+struct Run {
+    /// Records folded into the first.
+    folded: u64,
+    /// The strongest barrier among them (`Some(true)`: fdatasync).
+    barrier: Option<bool>,
+    /// Times among them that a later record sets again (not sent).
+    skipped: u64,
+}
+
+/// True if a write of `len` bytes at `at` touches or overlaps the extent
+/// `offset`..+`data`, and the two together fit in `RUN_MAX`.
+fn joins(offset: u64, data: &[u8], at: u64, len: usize) -> bool {
+    let end = offset + data.len() as u64;
+    let (lo, hi) = (offset.min(at), end.max(at + len as u64));
+    at <= end && at + len as u64 >= offset && hi - lo <= RUN_MAX
+}
+
+/// Writes `d` at `at` over the extent `offset`..+`data`, which it joins
+/// (`joins`): the extent grows to cover both, with no gap.
+fn overlay(offset: &mut u64, data: &mut Vec<u8>, at: u64, d: &[u8]) {
+    if at < *offset {
+        let mut grown = vec![0; (*offset - at) as usize];
+        grown.extend_from_slice(data);
+        *data = grown;
+        *offset = at;
+    }
+    let from = (at - *offset) as usize;
+    if data.len() < from + d.len() {
+        data.resize(from + d.len(), 0);
+    }
+    data[from..from + d.len()].copy_from_slice(d);
+}
 
 /// The log's reader with records read ahead, to see what a later record
 /// makes of an earlier one.
@@ -538,6 +631,53 @@ impl Ahead {
         }
     }
 
+    /// Reads ahead up to `LOOKAHEAD` records, of those already in the log.
+    fn fill(&mut self) {
+        while self.buf.len() < LOOKAHEAD {
+            match self.reader.read_next() {
+                Ok(Some(r)) => self.buf.push_back(r),
+                _ => break,
+            }
+        }
+    }
+
+    /// Folds into `first`, a write, the records read ahead that make a
+    /// run with it (`Run`): `first` becomes the run's one write, with the
+    /// last record's sequence number. Records not yet in the log are not
+    /// waited for.
+    fn take_run(&mut self, first: &mut Record) -> Run {
+        let mut run = Run::default();
+        let Change::Write { path, offset, data } = &mut first.change else {
+            return run;
+        };
+        loop {
+            if self.buf.len() < LOOKAHEAD / 2 {
+                self.fill();
+            }
+            let Some(next) = self.buf.front() else { break };
+            match &next.change {
+                Change::Write {
+                    path: p,
+                    offset: at,
+                    data: d,
+                } if p == path && joins(*offset, data, *at, d.len()) => overlay(offset, data, *at, d),
+                Change::Fsync { path: p, datasync } if p == path => {
+                    run.barrier = Some(run.barrier.unwrap_or(true) && *datasync);
+                }
+                c @ Change::Times { path: p, .. } if p == path && set_again(c, self.buf.iter().skip(1)) => {
+                    run.skipped += 1;
+                }
+                _ => break,
+            }
+            if let Some(next) = self.buf.pop_front() {
+                first.seq = next.seq;
+                first.time_ns = next.time_ns;
+                run.folded += 1;
+            }
+        }
+        run
+    }
+
     /// The last record returned.
     fn position(&self) -> u64 {
         self.buf.front().map_or_else(|| self.reader.position(), |r| r.seq - 1)
@@ -548,29 +688,33 @@ impl Ahead {
     /// it sets is replaced before it matters. (Only times; the mirror
     /// passes through the primary's states in everything else.)
     fn superseded(&mut self, c: &Change) -> bool {
-        let Change::Times { path, atime, mtime } = c else {
+        if !matches!(c, Change::Times { .. }) {
             return false;
-        };
-        while self.buf.len() < LOOKAHEAD {
-            match self.reader.read_next() {
-                Ok(Some(r)) => self.buf.push_back(r),
-                _ => break,
-            }
         }
-        let sets = |t: &volume::SetTime| !matches!(t, volume::SetTime::Omit);
-        for r in &self.buf {
-            match &r.change {
-                Change::Times {
-                    path: p,
-                    atime: a,
-                    mtime: m,
-                } if p == path && (sets(a) || !sets(atime)) && (sets(m) || !sets(mtime)) => return true,
-                c if c.moves_names() || !c.replays_safely() => return false,
-                _ => {}
-            }
-        }
-        false
+        self.fill();
+        set_again(c, self.buf.iter())
     }
+}
+
+/// True if `c` is a `Times` whose every time one of the `later` records
+/// sets again before any record that could move its name.
+fn set_again<'a>(c: &Change, later: impl Iterator<Item = &'a Record>) -> bool {
+    let Change::Times { path, atime, mtime } = c else {
+        return false;
+    };
+    let sets = |t: &volume::SetTime| !matches!(t, volume::SetTime::Omit);
+    for r in later {
+        match &r.change {
+            Change::Times {
+                path: p,
+                atime: a,
+                mtime: m,
+            } if p == path && (sets(a) || !sets(atime)) && (sets(m) || !sets(mtime)) => return true,
+            c if c.moves_names() || !c.replays_safely() => return false,
+            _ => {}
+        }
+    }
+    false
 }
 
 /// Runs `f`, a call on the mirror, timed for `Shipper::busy_for` (a call
@@ -704,20 +848,47 @@ mod tests {
     #[test]
     fn the_backlog_is_foreseen_in_full_groups_each_ended_once() {
         let f = Forecast::default();
-        assert_eq!(f.backlog_secs(1000), 0.0, "nothing measured, nothing foreseen");
+        assert_eq!(f.backlog_secs(1000, 10), 0.0, "nothing measured, nothing foreseen");
         let mut pace = Pace::default();
-        pace.applied(Duration::from_micros(500), &f);
+        pace.applied(Duration::from_micros(500), 1, true, &f);
         // A drained shipper's group: 2 records, ended in 40 ms.
         pace.closed(Duration::from_millis(40), &f);
         // 512 records: two full groups, not 256 groups of two.
-        let secs = f.backlog_secs(512);
+        let secs = f.backlog_secs(512, 0);
         assert!((secs - (512.0 * 0.0005 + 2.0 * 0.040)).abs() < 1e-9, "{secs}");
         // Slow records: a group ends at CHECKPOINT (1 s), before it is full.
-        pace.applied(Duration::from_millis(200), &f);
-        let record = f.per_record.load(Ordering::Relaxed) as f64 / 1e9;
-        let secs = f.backlog_secs(256);
+        pace.applied(Duration::from_millis(200), 1, true, &f);
+        let record = f.per_data.load(Ordering::Relaxed) as f64 / 1e9;
+        let secs = f.backlog_secs(256, 0);
         let applying = 256.0 * record;
         assert!((secs - (applying + applying * 0.040)).abs() < 1e-6, "{secs}");
+        // A run: 4 records in one call of 2 ms cost 0.5 ms each, and the
+        // slow record is forgotten as four records are.
+        let before = f.per_data.load(Ordering::Relaxed) as f64;
+        pace.applied(Duration::from_millis(2), 4, true, &f);
+        let after = f.per_data.load(Ordering::Relaxed) as f64;
+        let expected = 500_000.0 + (before - 500_000.0) * (7.0f64 / 8.0).powi(4);
+        assert!((after - expected).abs() < 2.0, "{after} {expected}");
+    }
+
+    #[test]
+    fn records_that_change_names_are_foreseen_apart_from_data() {
+        let f = Forecast::default();
+        let mut pace = Pace::default();
+        // Over a network: a name's change takes two round trips, a write
+        // to a file kept open a share of one.
+        pace.applied(Duration::from_millis(40), 1, false, &f);
+        pace.applied(Duration::from_micros(200), 1, true, &f);
+        // A database's start: 100 records, 20 of them names' changes,
+        // about 0.8 s. (One cost for all records foresaw 100 slow ones.)
+        let secs = f.backlog_secs(100, 20);
+        assert!((secs - (20.0 * 0.040 + 80.0 * 0.0002)).abs() < 1e-9, "{secs}");
+        assert_eq!(f.backlog_secs(10, 50), 10.0 * 0.040, "names are some of the records");
+        // `expect` guesses the names' cost only, and only until measured.
+        let g = Forecast::default();
+        g.per_name.store(60_000_000, Ordering::Relaxed);
+        assert_eq!(g.backlog_secs(100, 0), 0.0, "data is not guessed");
+        assert!((g.backlog_secs(100, 1) - 0.060).abs() < 1e-9);
     }
 
     #[test]
@@ -821,6 +992,109 @@ mod tests {
         assert_eq!(std::os::unix::fs::MetadataExt::mtime(&g), 600);
         assert!(m.divergences.lock().unwrap().is_empty());
         assert!(shipper.stop(Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn a_run_of_records_on_one_file_is_one_write_then_its_strongest_barrier() {
+        use crate::volume::SetTime;
+        let p = pair();
+        let log = Arc::new(Log::open(&p.primary.join(META_DIR).join(DIR), 0).unwrap());
+        let append = |c| log.append(c).unwrap();
+        let write = |path: &str, offset, data: &[u8]| Change::Write {
+            path: path.into(),
+            offset,
+            data: data.to_vec(),
+        };
+        let times = |path: &str, secs| Change::Times {
+            path: path.into(),
+            atime: SetTime::Omit,
+            mtime: SetTime::At { secs, nanos: 0 },
+        };
+        let fsync = |datasync| Change::Fsync {
+            path: "f".into(),
+            datasync,
+        };
+        for name in ["f", "g"] {
+            append(Change::Create {
+                path: name.into(),
+                mode: 0o644,
+                owner: owner(),
+            });
+        }
+        let first = append(write("f", 4, b"bbbb"));
+        append(times("f", 1));
+        append(fsync(true));
+        // Over the start of the extent and before it.
+        append(write("f", 0, b"aaaaaa"));
+        append(times("f", 2));
+        let end = append(fsync(false));
+        // Apart from the extent: a run of its own.
+        let apart = append(write("f", 100, b"c"));
+        append(times("f", 3));
+        // Another file between ends a run.
+        append(write("f", 101, b"d"));
+        append(write("g", 0, b"e"));
+        append(write("f", 102, b"f"));
+
+        let mut ahead = Ahead::new(log.reader(first - 1));
+        let mut r = ahead.read_next().unwrap().unwrap();
+        let run = ahead.take_run(&mut r);
+        assert_eq!(r.seq, end, "the run ends at the write apart from it");
+        assert_eq!((run.folded, run.barrier, run.skipped), (5, Some(false), 2));
+        let Change::Write { offset, data, .. } = &r.change else {
+            panic!("a run is a write: {:?}", r.change)
+        };
+        assert_eq!((*offset, data.as_slice()), (0, &b"aaaaaabb"[..]));
+
+        let mut r = ahead.read_next().unwrap().unwrap();
+        assert_eq!(r.seq, apart);
+        let run = ahead.take_run(&mut r);
+        assert_eq!(
+            (run.folded, run.barrier),
+            (0, None),
+            "the last times are sent: {:?}",
+            ahead.buf.front()
+        );
+        let mut r = ahead.read_next().unwrap().unwrap();
+        assert!(matches!(r.change, Change::Times { .. }));
+        assert_eq!(ahead.take_run(&mut r).folded, 0, "only a write starts a run");
+        let mut r = ahead.read_next().unwrap().unwrap();
+        assert_eq!(ahead.take_run(&mut r).folded, 0, "g's write is between");
+
+        // Shipped, the mirror has what the primary has.
+        let m = test_mirror(&p.mirror);
+        let shipper = Shipper::start(log.clone(), 1, 0, m.clone()).unwrap();
+        let last = log.lag().ops + shipper.applied();
+        wait_for("the log to drain", || shipper.applied() == last && log.lag().ops == 0);
+        assert_eq!(shipper.shipped(), last, "every record counts as shipped");
+        let f = fs::read(p.mirror.join("f")).unwrap();
+        assert_eq!(&f[..8], b"aaaaaabb");
+        assert_eq!(&f[100..], b"cdf");
+        assert_eq!(fs::read(p.mirror.join("g")).unwrap(), b"e");
+        assert!(
+            m.divergences.lock().unwrap().is_empty(),
+            "{:?}",
+            m.divergences.lock().unwrap()
+        );
+        assert!(shipper.stop(Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn a_run_joins_writes_that_touch_its_extent_up_to_its_largest_size() {
+        let mut offset = 10;
+        let mut data = b"xyz".to_vec();
+        assert!(joins(offset, &data, 13, 2), "adjacent after");
+        assert!(joins(offset, &data, 8, 2), "adjacent before");
+        assert!(!joins(offset, &data, 14, 1), "a gap after");
+        assert!(!joins(offset, &data, 7, 2), "a gap before");
+        assert!(joins(offset, &data, 13, RUN_MAX as usize - 3), "as large as a run is");
+        assert!(!joins(offset, &data, 13, RUN_MAX as usize - 2), "too large together");
+        overlay(&mut offset, &mut data, 8, b"ab");
+        assert_eq!((offset, data.as_slice()), (8, &b"abxyz"[..]));
+        overlay(&mut offset, &mut data, 11, b"QRST");
+        assert_eq!((offset, data.as_slice()), (8, &b"abxQRST"[..]));
+        overlay(&mut offset, &mut data, 7, b"0123456789");
+        assert_eq!((offset, data.as_slice()), (7, &b"0123456789"[..]));
     }
 
     #[test]
