@@ -479,11 +479,10 @@ impl Pace {
             true => (&mut self.data_ns, &out.per_data),
             false => (&mut self.name_ns, &out.per_name),
         };
+        // `records` samples of `took / records` each, folded at once.
         let took = took.as_nanos() as f64 / records.max(1) as f64;
-        let mut apply = avg.unwrap_or(took);
-        for _ in 0..records.max(1) {
-            apply = Self::fold(apply, took);
-        }
+        let kept = (7.0f64 / 8.0).powi(records.clamp(1, 1000) as i32);
+        let apply = avg.map_or(took, |a| took + (a - took) * kept);
         *avg = Some(apply);
         // `expect`'s guess stands until a record of its kind is applied.
         per.store((apply as u64).max(1), Ordering::Relaxed);
