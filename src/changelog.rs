@@ -927,7 +927,7 @@ struct Tail {
     /// Records appended since the log was opened that are not data
     /// (`Change::is_data`).
     names: u64,
-    /// One entry per `TICK_NS` of appends, for the age, size and make of
+    /// One entry per `TICK_NS` of appends, for the age, size and kinds of
     /// what is not yet applied.
     times: VecDeque<Tick>,
     /// The last record the mirror has, as told by `applied`.
