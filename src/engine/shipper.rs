@@ -367,12 +367,11 @@ fn ship(s: &Shared, mirror: &dyn Mirror) {
     let mut files = KeptFiles::default();
     let mut position: Option<OwnedFd> = None;
     let mut current: Option<Arc<Volume>> = None;
-    // When the group being applied took its first record.
-    let mut group: Option<Instant> = None;
+    // The group being applied: when it took its first record, and the
+    // calls made in it.
+    let mut group: Option<(Instant, u64)> = None;
     // The drained shipper has waited `LINGER` once for the open group.
     let mut lingered = false;
-    // Calls made in the open group.
-    let mut calls = 0;
     let mut pace = Pace::default();
     while !s.stop.load(Ordering::Acquire) {
         let Some(v) = mirror.volume() else {
@@ -381,7 +380,6 @@ fn ship(s: &Shared, mirror: &dyn Mirror) {
             files.forget();
             position = None;
             group = None;
-            calls = 0;
             s.log.wait_after(u64::MAX - 1, IDLE);
             reader = Ahead::new(s.log.reader(s.durable.load(Ordering::Acquire)));
             again = true;
@@ -398,7 +396,7 @@ fn ship(s: &Shared, mirror: &dyn Mirror) {
             Ok(Some(r)) => r,
             Ok(None) => {
                 let at = reader.position();
-                if let Some(started) = group
+                if let Some((started, _)) = group
                     && !lingered
                     && started.elapsed() < CHECKPOINT
                 {
@@ -411,7 +409,6 @@ fn ship(s: &Shared, mirror: &dyn Mirror) {
                 }
                 // Drained: make it all durable, then sleep until more comes.
                 group = None;
-                calls = 0;
                 if s.durable.load(Ordering::Acquire) < at
                     && !close_group(s, mirror, &v, &mut files, &mut position, at, &mut pace)
                 {
@@ -429,7 +426,9 @@ fn ship(s: &Shared, mirror: &dyn Mirror) {
             }
         };
         lingered = false;
-        let opened = *group.get_or_insert_with(Instant::now);
+        let (opened, calls) = group.get_or_insert_with(|| (Instant::now(), 0));
+        *calls += 1;
+        let (opened, calls) = (*opened, *calls);
         let started = Instant::now();
         // Times a later record sets again are not sent: on a network
         // mirror a utimensat costs two round trips, and the writeback
@@ -439,13 +438,11 @@ fn ship(s: &Shared, mirror: &dyn Mirror) {
         let run = reader.take_run(&mut record);
         let applied = apply(s, mirror, &v, &record, again, &mut files, skip, &run);
         pace.applied(started.elapsed(), 1 + run.folded, record.change.is_data(), &s.pace);
-        calls += 1;
         if !applied {
             // The mirror failed: shipping resumes from what is durable.
             files.forget();
             position = None;
             group = None;
-            calls = 0;
             reader = Ahead::new(s.log.reader(s.durable.load(Ordering::Acquire)));
             again = true;
             continue;
@@ -458,7 +455,6 @@ fn ship(s: &Shared, mirror: &dyn Mirror) {
         let due = !record.change.replays_safely() || calls >= BATCH || opened.elapsed() >= CHECKPOINT;
         if due {
             group = None;
-            calls = 0;
             close_group(s, mirror, &v, &mut files, &mut position, seq, &mut pace);
         }
     }
