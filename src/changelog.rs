@@ -225,9 +225,9 @@ impl Change {
 
     /// True for a change of a file's data or times, or a barrier: a
     /// replayer applies it through the file it keeps open, with no walk of
-    /// the path, and a run of them is one call (the shipper's `Run`). The
-    /// others change names or metadata by path, each a round trip or more
-    /// on a network mirror; the lag bound foresees the two apart.
+    /// the path once the file is kept, and a run of them is one call (the
+    /// shipper's `Run`). The others change names or metadata by path, each
+    /// a round trip or more on a network mirror (`KeptModel`).
     pub fn is_data(&self) -> bool {
         matches!(
             self,
@@ -532,7 +532,10 @@ impl Change {
             },
             Change::Times { path, atime, mtime } => match files.kept(path) {
                 Some(fd) => volume::futimens(fd, *atime, *mtime),
-                None => v.utimens(path, *atime, *mtime),
+                None => {
+                    files.by_path += 1;
+                    v.utimens(path, *atime, *mtime)
+                }
             },
             Change::SetXattr {
                 path,
@@ -581,6 +584,10 @@ pub struct KeptFiles {
     /// Files closed by name, and barriers' directories, that owe a sync
     /// (`true`: fdatasync is enough).
     owed: Vec<(OwnedFd, bool)>,
+    /// Calls made by path for data records (an open, or times set by
+    /// path) since it was made: each a round trip or more on a network
+    /// mirror, where a call through a kept file is streamed (`trips`).
+    by_path: u64,
 }
 
 struct Kept {
@@ -596,6 +603,12 @@ fn stronger(owes: Option<bool>, datasync: bool) -> Option<bool> {
 }
 
 impl KeptFiles {
+    /// How many calls by path data records have made (see `by_path`):
+    /// the kinds of call `KeptModel` foresees.
+    pub fn trips(&self) -> u64 {
+        self.by_path
+    }
+
     fn kept(&self, path: &Path) -> Option<BorrowedFd<'_>> {
         self.files.iter().find(|k| k.path == path).map(|k| k.fd.as_fd())
     }
@@ -606,6 +619,7 @@ impl KeptFiles {
         let i = match self.files.iter().position(|k| k.path == path) {
             Some(i) => i,
             None => {
+                self.by_path += 1;
                 let fd = v.open_file(path, libc::O_WRONLY)?;
                 if self.files.len() >= KEPT_FILES
                     && let Some(k) = self.files.pop_front()
@@ -632,6 +646,7 @@ impl KeptFiles {
             k.owes = stronger(k.owes, datasync);
             return Ok(());
         }
+        self.by_path += 1;
         match v.open_file(path, libc::O_RDONLY | libc::O_NONBLOCK) {
             Ok(fd) => {
                 self.owed.push((fd, datasync));
@@ -679,6 +694,46 @@ impl KeptFiles {
             k.owes = None;
         }
         Ok(())
+    }
+}
+
+/// The paths a replayer's `KeptFiles` keeps open, followed record by
+/// record as the log appends them, to tell which records will cost the
+/// replayer a round trip or more on a network mirror (`trip`): the ones
+/// that are not data, and the data ones that reach a file by its path.
+/// The rest are streamed through a kept file, many to a call. It follows
+/// `apply_with` exactly, except where a replayer starts again (then its
+/// files are forgotten, and the model counts too few trips until they
+/// are kept again).
+#[derive(Default)]
+struct KeptModel {
+    paths: VecDeque<PathBuf>,
+}
+
+impl KeptModel {
+    /// True if `c`, applied after the records seen so far, makes a call by
+    /// path: a record that is not data (`Change::is_data`), a write, size
+    /// or allocation change to a file not kept (opened and kept), a
+    /// barrier or times on one (opened or set by path).
+    fn trip(&mut self, c: &Change) -> bool {
+        if c.moves_names() || !c.keeps_names() {
+            self.paths.clear();
+        }
+        let kept = |paths: &VecDeque<PathBuf>, path: &Path| paths.iter().any(|p| p == path);
+        match c {
+            Change::Write { path, .. } | Change::Truncate { path, .. } | Change::Fallocate { path, .. } => {
+                if kept(&self.paths, path) {
+                    return false;
+                }
+                if self.paths.len() >= KEPT_FILES {
+                    self.paths.pop_front();
+                }
+                self.paths.push_back(path.clone());
+                true
+            }
+            Change::Fsync { path, .. } | Change::Times { path, .. } => !kept(&self.paths, path),
+            _ => true,
+        }
     }
 }
 
@@ -924,9 +979,10 @@ struct Tail {
     /// Bytes appended since the log was opened, and the bytes appended up
     /// to each entry of `times`.
     bytes: u64,
-    /// Records appended since the log was opened that are not data
-    /// (`Change::is_data`).
-    names: u64,
+    /// Records appended since the log was opened that will cost the
+    /// replayer a call by path (`KeptModel`), and the model.
+    trips: u64,
+    kept: KeptModel,
     /// One entry per `TICK_NS` of appends, for the age, size and kinds of
     /// what is not yet applied.
     times: VecDeque<Tick>,
@@ -940,13 +996,13 @@ struct Tail {
 }
 
 /// An entry of the log's time index: its first record, that record's
-/// time, and the bytes and the records that are not data appended before it.
+/// time, and the bytes and the trips (`Tail::trips`) appended before it.
 #[derive(Clone, Copy)]
 struct Tick {
     first: u64,
     at: u64,
     bytes: u64,
-    names: u64,
+    trips: u64,
 }
 
 /// How far the mirror is behind.
@@ -955,10 +1011,11 @@ pub struct Lag {
     pub seconds: f64,
     pub bytes: u64,
     pub ops: u64,
-    /// Of `ops`, those that are not data (`Change::is_data`), counted from
-    /// the start of the tick the first of them is in; a backlog found when
-    /// the log is opened counts as data.
-    pub names: u64,
+    /// Of `ops`, those that will cost the shipper a call by path, a round
+    /// trip or more on a network mirror (`KeptModel`), counted from the
+    /// start of the tick the first of them is in; a backlog found when the
+    /// log is opened counts as streamed.
+    pub trips: u64,
 }
 
 /// The change log of a primary.
@@ -1037,7 +1094,7 @@ impl Log {
                     first: first.seq,
                     at: first.time_ns,
                     bytes: 0,
-                    names: 0,
+                    trips: 0,
                 });
             }
         }
@@ -1059,7 +1116,8 @@ impl Log {
                 synced: last,
                 syncing: false,
                 bytes,
-                names: 0,
+                trips: 0,
+                kept: KeptModel::default(),
                 times,
                 applied: applied.min(last),
                 waiters: 0,
@@ -1179,10 +1237,11 @@ impl Log {
             first: record.seq,
             at: record.time_ns,
             bytes: t.bytes,
-            names: t.names,
+            trips: t.trips,
         };
         t.bytes += buf.len() as u64;
-        t.names += u64::from(!record.change.is_data());
+        let trip = t.kept.trip(&record.change);
+        t.trips += u64::from(trip);
         match t.times.back() {
             Some(last) if record.time_ns < last.at + TICK_NS => {}
             _ => t.times.push_back(tick),
@@ -1351,7 +1410,7 @@ impl Log {
                 seconds: now_ns().saturating_sub(tick.at) as f64 / 1e9,
                 bytes: t.bytes.saturating_sub(tick.bytes),
                 ops,
-                names: t.names.saturating_sub(tick.names).min(ops),
+                trips: t.trips.saturating_sub(tick.trips).min(ops),
             },
             _ => Lag::default(),
         }
@@ -1866,15 +1925,28 @@ mod tests {
             datasync: true,
         })
         .unwrap();
+        log.append(Change::Write {
+            path: p("z"),
+            offset: 0,
+            data: b"z".to_vec(),
+        })
+        .unwrap();
+        log.append(Change::Fsync {
+            path: p("z"),
+            datasync: true,
+        })
+        .unwrap();
         let lag = log.lag();
-        assert_eq!((lag.ops, lag.names), (3, 2), "two unlinks, one barrier");
+        // The first barrier opens z by path, so does the write; the second
+        // barrier goes through the file the write keeps open.
+        assert_eq!((lag.ops, lag.trips), (5, 4), "two unlinks, a barrier, a write");
         assert!(lag.seconds >= 0.03, "{lag:?}");
         assert!(lag.bytes > 0);
         log.applied(1);
         let lag = log.lag();
-        assert_eq!((lag.ops, lag.names), (2, 1));
+        assert_eq!((lag.ops, lag.trips), (4, 3));
         assert!(lag.seconds < 0.03, "{lag:?}");
-        log.applied(3);
+        log.applied(5);
         assert_eq!(log.lag(), Lag::default());
     }
 
@@ -1992,6 +2064,97 @@ mod tests {
             c.apply(&v, i == rename).unwrap();
         }
         assert_eq!(tree(t.path()), want);
+    }
+
+    #[test]
+    fn the_log_foresees_which_records_a_replayer_applies_by_path() {
+        let me = me();
+        let t = tempfile::tempdir().unwrap();
+        let v = Volume::open(crate::spec::Side::Mirror, t.path()).unwrap();
+        let create = |path: &str| Change::Create {
+            path: p(path),
+            mode: 0o644,
+            owner: me,
+        };
+        let write = |path: &str| Change::Write {
+            path: p(path),
+            offset: 0,
+            data: b"x".to_vec(),
+        };
+        let fsync = |path: &str| Change::Fsync {
+            path: p(path),
+            datasync: true,
+        };
+        let times = |path: &str| Change::Times {
+            path: p(path),
+            atime: SetTime::At { secs: 1, nanos: 0 },
+            mtime: SetTime::At { secs: 2, nanos: 0 },
+        };
+        let others: Vec<String> = (0..KEPT_FILES).map(|i| format!("d/g{i}")).collect();
+        // (record, streamed through a kept file)
+        let mut changes = vec![
+            (
+                Change::Mkdir {
+                    path: p("d"),
+                    mode: 0o755,
+                    owner: me,
+                },
+                false,
+            ),
+            (create("d/f"), false),
+            (create("d/x"), false),
+        ];
+        changes.extend(others.iter().map(|g| (create(g), false)));
+        changes.extend([
+            (write("d/f"), false),
+            (write("d/f"), true),
+            (times("d/f"), true),
+            (fsync("d/f"), true),
+            (times("d/x"), false),
+            (fsync("d/x"), false),
+            (
+                Change::Chmod {
+                    path: p("d/f"),
+                    mode: 0o600,
+                },
+                false,
+            ),
+            (write("d/f"), true),
+        ]);
+        // As many other files written: d/f is no longer kept.
+        changes.extend(others.iter().map(|g| (write(g), false)));
+        changes.extend([
+            (write("d/f"), false),
+            (
+                Change::Truncate {
+                    path: p("d/f"),
+                    size: 0,
+                },
+                true,
+            ),
+            (
+                Change::Rename {
+                    old: p("d/x"),
+                    new: p("d/y"),
+                    flags: 0,
+                },
+                false,
+            ),
+            (fsync("d/f"), false),
+            (write("d/f"), false),
+            (Change::Unlink { path: p("d/y") }, false),
+            (fsync("d"), false),
+            (times("d/f"), false),
+        ]);
+        let mut model = KeptModel::default();
+        let mut files = KeptFiles::default();
+        for (i, (c, streamed)) in changes.iter().enumerate() {
+            let before = files.trips();
+            c.apply_with(&v, false, &mut files).unwrap();
+            let by_path = !c.is_data() || files.trips() != before;
+            assert_eq!(by_path, !streamed, "record {i}, {c:?}: applied");
+            assert_eq!(model.trip(c), !streamed, "record {i}, {c:?}: foreseen");
+        }
     }
 
     #[test]

@@ -167,7 +167,7 @@ impl Follow {
         let bound = self.max_lag.as_secs_f64();
         loop {
             let lag = self.log.lag();
-            let ahead = self.pace.backlog_secs(lag.ops, lag.names);
+            let ahead = self.pace.backlog_secs(lag.ops, lag.trips);
             let over = lag.seconds > bound || ahead > bound;
             if over && mirror_up() {
                 if !self.exceeded.swap(true, Ordering::AcqRel) {

@@ -170,17 +170,18 @@ struct Shared {
     pace: Arc<Forecast>,
 }
 
-/// The shipper's measured costs, for the lag bound: applying one record of
-/// data (`Change::is_data`), one that changes names or metadata, and
-/// ending one group, in ns (0 until measured or expected). The two kinds
-/// of records are apart because on a network mirror their costs are far
-/// apart (a name's change is a round trip or more; data goes through a
-/// file kept open, a run of it in one call), and a backlog can be mostly
-/// one kind: a database's start changes names, its load writes data.
+/// The shipper's measured costs, for the lag bound: applying one record
+/// streamed through a file kept open, one that makes a call by path (a
+/// trip: the log's `KeptModel` counts them in the backlog), and ending
+/// one group, in ns (0 until measured or expected). The two kinds of
+/// records are apart because on a network mirror their costs are far
+/// apart (a call by path is a round trip or more; streamed data goes many
+/// records to a call), and a backlog can be mostly one kind: a database's
+/// start makes names and opens files, its load writes its log.
 #[derive(Default)]
 pub struct Forecast {
-    per_data: AtomicU64,
-    per_name: AtomicU64,
+    per_streamed: AtomicU64,
+    per_trip: AtomicU64,
     per_group: AtomicU64,
     /// Records per call (runs), in thousandths (0: one).
     per_call_milli: AtomicU64,
@@ -188,15 +189,15 @@ pub struct Forecast {
 
 impl Forecast {
     /// How long the shipper would take to ship a backlog of `ops` records,
-    /// `names` of them not data, in seconds: each applied, in groups as a
-    /// backlog is shipped (full ones of `BATCH` calls, of as many records
-    /// each as calls have had lately, or of `CHECKPOINT`'s time if
+    /// `trips` of them calls by path, in seconds: each applied, in groups
+    /// as a backlog is shipped (full ones of `BATCH` calls, of as many
+    /// records each as calls have had lately, or of `CHECKPOINT`'s time if
     /// applying that many takes longer), each group ended once.
-    pub fn backlog_secs(&self, ops: u64, names: u64) -> f64 {
+    pub fn backlog_secs(&self, ops: u64, trips: u64) -> f64 {
         let secs = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64 / 1e9;
         let group = secs(&self.per_group);
-        let names = names.min(ops);
-        let applying = (ops - names) as f64 * secs(&self.per_data) + names as f64 * secs(&self.per_name);
+        let trips = trips.min(ops);
+        let applying = (ops - trips) as f64 * secs(&self.per_streamed) + trips as f64 * secs(&self.per_trip);
         let per_call = (self.per_call_milli.load(Ordering::Relaxed) as f64 / 1e3).max(1.0);
         let groups = (ops as f64 / (BATCH as f64 * per_call))
             .ceil()
@@ -258,16 +259,16 @@ impl Shipper {
         self.shared.pace.clone()
     }
 
-    /// Sets the expected cost of a record that changes names or metadata
-    /// before one is measured (the time of a small durable write on the
-    /// mirror: a few round trips to a distant one). Data is not expected
-    /// to cost anything until it is measured, which its first record is:
-    /// a durable write is no measure of a write streamed to a file kept
-    /// open, and the age of the oldest change bounds the lag meanwhile.
-    pub fn expect(&self, per_name: Duration) {
-        let _ = self.shared.pace.per_name.compare_exchange(
+    /// Sets the expected cost of a trip (a call by path) before one is
+    /// measured (the time of a small durable write on the mirror: a few
+    /// round trips to a distant one). Streamed data is not expected to
+    /// cost anything until it is measured, which its first record is: a
+    /// durable write is no measure of a write streamed to a file kept open,
+    /// and the age of the oldest change bounds the lag meanwhile.
+    pub fn expect(&self, per_trip: Duration) {
+        let _ = self.shared.pace.per_trip.compare_exchange(
             0,
-            per_name.as_nanos() as u64,
+            per_trip.as_nanos() as u64,
             Ordering::AcqRel,
             Ordering::Acquire,
         );
@@ -436,8 +437,10 @@ fn ship(s: &Shared, mirror: &dyn Mirror) {
         let skip = reader.superseded(&record.change);
         let mut record = record;
         let run = reader.take_run(&mut record);
+        let by_path = files.trips();
         let applied = apply(s, mirror, &v, &record, again, &mut files, skip, &run);
-        pace.applied(started.elapsed(), 1 + run.folded, record.change.is_data(), &s.pace);
+        let trip = !record.change.is_data() || files.trips() != by_path;
+        pace.applied(started.elapsed(), 1 + run.folded, trip, &s.pace);
         if !applied {
             // The mirror failed: shipping resumes from what is durable.
             files.forget();
@@ -460,18 +463,19 @@ fn ship(s: &Shared, mirror: &dyn Mirror) {
     }
 }
 
-/// The shipper's costs, measured apart (`Forecast`): applying a record of
-/// data, and one that is not, each a moving average over its kind's
-/// records (weight 1/8, so that a run of large records, a new WAL
-/// segment's, is forgotten a few records later), and ending a group, a
+/// The shipper's costs, measured apart (`Forecast`): applying a record
+/// streamed through a kept file, and a trip (a call by path), each a
+/// moving average over its kind's records (weight 1/8, so that a run of
+/// large records, a new WAL segment's, is forgotten a few records later),
+/// and ending a group, a
 /// moving average over groups. (A group's end used to be counted as a
 /// share of each of its records: a drained shipper ends small groups, and
 /// their shares foresaw a backlog, which is shipped in full groups, as
 /// several times slower than it is.)
 #[derive(Default)]
 struct Pace {
-    data_ns: Option<f64>,
-    name_ns: Option<f64>,
+    streamed_ns: Option<f64>,
+    trip_ns: Option<f64>,
     close_ns: Option<f64>,
     /// Records per call, over calls.
     per_call: Option<f64>,
@@ -482,16 +486,18 @@ impl Pace {
         avg + (sample - avg) / 8.0
     }
 
-    /// `records` applied in `took` (a run is one call for several), of
-    /// data or not.
-    fn applied(&mut self, took: Duration, records: u64, data: bool, out: &Forecast) {
-        let (avg, per) = match data {
-            true => (&mut self.data_ns, &out.per_data),
-            false => (&mut self.name_ns, &out.per_name),
+    /// `records` applied in `took` (a run is one call for several), in a
+    /// call that made a `trip` by path or not. A run whose first record
+    /// opened its file is one trip (the log counts its other records as
+    /// streamed; their share is small beside the open's).
+    fn applied(&mut self, took: Duration, records: u64, trip: bool, out: &Forecast) {
+        let (avg, per, samples) = match trip {
+            true => (&mut self.trip_ns, &out.per_trip, 1),
+            false => (&mut self.streamed_ns, &out.per_streamed, records.max(1)),
         };
-        // `records` samples of `took / records` each, folded at once.
-        let took = took.as_nanos() as f64 / records.max(1) as f64;
-        let kept = (7.0f64 / 8.0).powi(records.clamp(1, 1000) as i32);
+        // `samples` samples of `took / samples` each, folded at once.
+        let took = took.as_nanos() as f64 / samples as f64;
+        let kept = (7.0f64 / 8.0).powi(samples.clamp(1, 1000) as i32);
         let apply = avg.map_or(took, |a| took + (a - took) * kept);
         *avg = Some(apply);
         // `expect`'s guess stands until a record of its kind is applied.
@@ -858,28 +864,31 @@ mod tests {
         }
     }
 
+    const TRIP: bool = true;
+    const STREAMED: bool = false;
+
     #[test]
     fn the_backlog_is_foreseen_in_full_groups_each_ended_once() {
         let f = Forecast::default();
         assert_eq!(f.backlog_secs(1000, 10), 0.0, "nothing measured, nothing foreseen");
         let mut pace = Pace::default();
-        pace.applied(Duration::from_micros(500), 1, true, &f);
+        pace.applied(Duration::from_micros(500), 1, STREAMED, &f);
         // A drained shipper's group: 2 records, ended in 40 ms.
         pace.closed(Duration::from_millis(40), &f);
         // 512 records: two full groups, not 256 groups of two.
         let secs = f.backlog_secs(512, 0);
         assert!((secs - (512.0 * 0.0005 + 2.0 * 0.040)).abs() < 1e-9, "{secs}");
         // Slow records: a group ends at CHECKPOINT (1 s), before it is full.
-        pace.applied(Duration::from_millis(200), 1, true, &f);
-        let record = f.per_data.load(Ordering::Relaxed) as f64 / 1e9;
+        pace.applied(Duration::from_millis(200), 1, STREAMED, &f);
+        let record = f.per_streamed.load(Ordering::Relaxed) as f64 / 1e9;
         let secs = f.backlog_secs(256, 0);
         let applying = 256.0 * record;
         assert!((secs - (applying + applying * 0.040)).abs() < 1e-6, "{secs}");
         // A run: 4 records in one call of 2 ms cost 0.5 ms each, and the
         // slow record is forgotten as four records are.
-        let before = f.per_data.load(Ordering::Relaxed) as f64;
-        pace.applied(Duration::from_millis(2), 4, true, &f);
-        let after = f.per_data.load(Ordering::Relaxed) as f64;
+        let before = f.per_streamed.load(Ordering::Relaxed) as f64;
+        pace.applied(Duration::from_millis(2), 4, STREAMED, &f);
+        let after = f.per_streamed.load(Ordering::Relaxed) as f64;
         let expected = 500_000.0 + (before - 500_000.0) * (7.0f64 / 8.0).powi(4);
         assert!((after - expected).abs() < 2.0, "{after} {expected}");
     }
@@ -889,7 +898,7 @@ mod tests {
         let f = Forecast::default();
         let mut pace = Pace::default();
         // Runs of 20 records, 2 ms a call; a group's end 40 ms.
-        pace.applied(Duration::from_millis(2), 20, true, &f);
+        pace.applied(Duration::from_millis(2), 20, STREAMED, &f);
         pace.closed(Duration::from_millis(40), &f);
         // 5,120 records are 256 calls: one group, not twenty.
         let secs = f.backlog_secs(5120, 0);
@@ -897,22 +906,25 @@ mod tests {
     }
 
     #[test]
-    fn records_that_change_names_are_foreseen_apart_from_data() {
+    fn trips_are_foreseen_apart_from_streamed_records() {
         let f = Forecast::default();
         let mut pace = Pace::default();
-        // Over a network: a name's change takes two round trips, a write
+        // Over a network: a call by path takes two round trips, a write
         // to a file kept open a share of one.
-        pace.applied(Duration::from_millis(40), 1, false, &f);
-        pace.applied(Duration::from_micros(200), 1, true, &f);
-        // A database's start: 100 records, 20 of them names' changes,
-        // about 0.8 s. (One cost for all records foresaw 100 slow ones.)
+        pace.applied(Duration::from_millis(40), 1, TRIP, &f);
+        pace.applied(Duration::from_micros(200), 1, STREAMED, &f);
+        // A database's start: 100 records, 20 of them trips, about 0.8 s.
+        // (One cost for all records foresaw 100 slow ones.)
         let secs = f.backlog_secs(100, 20);
         assert!((secs - (20.0 * 0.040 + 80.0 * 0.0002)).abs() < 1e-9, "{secs}");
-        assert_eq!(f.backlog_secs(10, 50), 10.0 * 0.040, "names are some of the records");
-        // `expect` guesses the names' cost only, and only until measured.
+        assert_eq!(f.backlog_secs(10, 50), 10.0 * 0.040, "trips are some of the records");
+        // A run that opened its file is one trip, however long.
+        pace.applied(Duration::from_millis(40), 20, TRIP, &f);
+        assert_eq!(f.per_trip.load(Ordering::Relaxed), 40_000_000);
+        // `expect` guesses a trip's cost only, and only until measured.
         let g = Forecast::default();
-        g.per_name.store(60_000_000, Ordering::Relaxed);
-        assert_eq!(g.backlog_secs(100, 0), 0.0, "data is not guessed");
+        g.per_trip.store(60_000_000, Ordering::Relaxed);
+        assert_eq!(g.backlog_secs(100, 0), 0.0, "streamed records are not guessed");
         assert!((g.backlog_secs(100, 1) - 0.060).abs() < 1e-9);
     }
 
