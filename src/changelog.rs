@@ -465,7 +465,7 @@ impl Change {
             files.sync_owed()?;
         }
         if self.moves_names() || !self.keeps_names() {
-            files.clear();
+            files.clear()?;
         }
         match self {
             Change::Write { path, offset, data } => volume::pwrite_all(files.get(v, path)?, data, *offset).map(drop),
@@ -530,9 +530,9 @@ impl Change {
                 Some(fd) => volume::fchown(fd, *uid, *gid),
                 None => v.chown(path, *uid, *gid),
             },
-            Change::Times { path, atime, mtime } => match files.kept(path) {
-                Some(fd) => volume::futimens(fd, *atime, *mtime),
-                None => {
+            Change::Times { path, atime, mtime } => match files.set_times(path, *atime, *mtime) {
+                true => Ok(()),
+                false => {
                     files.by_path += 1;
                     v.utimens(path, *atime, *mtime)
                 }
@@ -595,6 +595,8 @@ struct Kept {
     fd: OwnedFd,
     /// The sync the data written through it since `sync_owed` owes.
     owes: Option<bool>,
+    /// Times set since `sync_owed`, not yet made (`Change::apply_with`).
+    times: Option<(SetTime, SetTime)>,
 }
 
 /// The stronger of two owed syncs (`false`, a full fsync, wins).
@@ -624,12 +626,13 @@ impl KeptFiles {
                 if self.files.len() >= KEPT_FILES
                     && let Some(k) = self.files.pop_front()
                 {
-                    self.release(k);
+                    self.release(k)?;
                 }
                 self.files.push_back(Kept {
                     path: path.to_path_buf(),
                     fd,
                     owes: None,
+                    times: None,
                 });
                 self.files.len() - 1
             }
@@ -657,17 +660,43 @@ impl KeptFiles {
         }
     }
 
-    fn release(&mut self, k: Kept) {
+    /// Times set on a kept file wait for `sync_owed`: on a network mirror a
+    /// futimens is two round trips, and a database's log has its times set
+    /// after each write (by the writeback cache), so that setting each one
+    /// made a call cost as much as a run of writes. Only the file's own
+    /// data changes lie between the times and the moment they are made,
+    /// and those set the mirror's times to its own clock anyway: the
+    /// primary's times are the mirror's where a `Times` record is the last
+    /// of the file's, at every group's end, as when each was made at once.
+    /// A record that reaches the file some other way (by path) finds them
+    /// made, since the file is released first.
+    fn set_times(&mut self, path: &Path, atime: SetTime, mtime: SetTime) -> bool {
+        let Some(k) = self.files.iter_mut().find(|k| k.path == path) else {
+            return false;
+        };
+        let (a, m) = k.times.unwrap_or((SetTime::Omit, SetTime::Omit));
+        k.times = Some((atime.over(a), mtime.over(m)));
+        true
+    }
+
+    /// Closes a kept file: its times are made now (whatever reaches the
+    /// file next does so by path, after them); its sync stays owed.
+    fn release(&mut self, k: Kept) -> io::Result<()> {
+        if let Some((atime, mtime)) = k.times {
+            volume::futimens(k.fd.as_fd(), atime, mtime)?;
+        }
         if let Some(datasync) = k.owes {
             self.owed.push((k.fd, datasync));
         }
+        Ok(())
     }
 
     /// Closes the kept files; those that owe a sync still owe it.
-    pub fn clear(&mut self) {
+    pub fn clear(&mut self) -> io::Result<()> {
         while let Some(k) = self.files.pop_front() {
-            self.release(k);
+            self.release(k)?;
         }
+        Ok(())
     }
 
     /// Closes every file and forgets what is owed (the volume is gone or
@@ -677,14 +706,19 @@ impl KeptFiles {
         self.owed.clear();
     }
 
-    /// Makes every owed sync, several at a time; on success nothing is
-    /// owed any more.
+    /// Makes every owed sync, and the kept files' times before their
+    /// syncs, several files at a time; on success nothing is owed any more.
     pub fn sync_owed(&mut self) -> io::Result<()> {
-        let fds: Vec<(BorrowedFd<'_>, bool)> = self
+        let fds: Vec<Owed<'_>> = self
             .owed
             .iter()
-            .map(|(fd, d)| (fd.as_fd(), *d))
-            .chain(self.files.iter().filter_map(|k| k.owes.map(|d| (k.fd.as_fd(), d))))
+            .map(|(fd, d)| (fd.as_fd(), Some(*d), None))
+            .chain(
+                self.files
+                    .iter()
+                    .filter(|k| k.owes.is_some() || k.times.is_some())
+                    .map(|k| (k.fd.as_fd(), k.owes, k.times)),
+            )
             .collect();
         for chunk in fds.chunks(SYNCS_IN_FLIGHT) {
             sync_all(chunk)?;
@@ -692,6 +726,7 @@ impl KeptFiles {
         self.owed.clear();
         for k in &mut self.files {
             k.owes = None;
+            k.times = None;
         }
         Ok(())
     }
@@ -737,17 +772,29 @@ impl KeptModel {
     }
 }
 
-/// Syncs `fds` at once, one thread each beyond the first.
-fn sync_all(fds: &[(BorrowedFd<'_>, bool)]) -> io::Result<()> {
-    let Some(((fd, datasync), rest)) = fds.split_first() else {
+/// A file that owes something at a group's end: its sync (`true`:
+/// fdatasync is enough), and times to set before it.
+type Owed<'a> = (BorrowedFd<'a>, Option<bool>, Option<(SetTime, SetTime)>);
+
+/// Sets `fd`'s owed times, then syncs it if it owes a sync.
+fn settle((fd, sync, times): Owed<'_>) -> io::Result<()> {
+    if let Some((atime, mtime)) = times {
+        volume::futimens(fd, atime, mtime)?;
+    }
+    match sync {
+        Some(datasync) => volume::fsync(fd, datasync),
+        None => Ok(()),
+    }
+}
+
+/// Settles `fds` at once, one thread each beyond the first.
+fn sync_all(fds: &[Owed<'_>]) -> io::Result<()> {
+    let Some((first, rest)) = fds.split_first() else {
         return Ok(());
     };
     std::thread::scope(|scope| {
-        let others: Vec<_> = rest
-            .iter()
-            .map(|&(fd, datasync)| scope.spawn(move || volume::fsync(fd, datasync)))
-            .collect();
-        others.into_iter().fold(volume::fsync(*fd, *datasync), |r, t| {
+        let others: Vec<_> = rest.iter().map(|&o| scope.spawn(move || settle(o))).collect();
+        others.into_iter().fold(settle(*first), |r, t| {
             let other = t
                 .join()
                 .unwrap_or_else(|_| Err(io::Error::other("a sync thread panicked")));
@@ -2155,6 +2202,67 @@ mod tests {
             assert_eq!(by_path, !streamed, "record {i}, {c:?}: applied");
             assert_eq!(model.trip(c), !streamed, "record {i}, {c:?}: foreseen");
         }
+    }
+
+    #[test]
+    fn times_on_a_kept_file_wait_for_sync_owed_and_come_before_any_call_by_path() {
+        let me = me();
+        let t = tempfile::tempdir().unwrap();
+        let v = Volume::open(crate::spec::Side::Mirror, t.path()).unwrap();
+        let mut files = KeptFiles::default();
+        let mtime = |name: &str| fs::metadata(t.path().join(name)).unwrap().mtime();
+        let times = |path: &str, secs| Change::Times {
+            path: p(path),
+            atime: SetTime::Omit,
+            mtime: SetTime::At { secs, nanos: 0 },
+        };
+        let write = |path: &str| Change::Write {
+            path: p(path),
+            offset: 0,
+            data: b"x".to_vec(),
+        };
+        let apply = |files: &mut KeptFiles, c: Change| c.apply_with(&v, false, files).unwrap();
+        let others: Vec<String> = (0..KEPT_FILES).map(|i| format!("g{i}")).collect();
+        for name in std::iter::once("f").chain(others.iter().map(String::as_str)) {
+            apply(
+                &mut files,
+                Change::Create {
+                    path: p(name),
+                    mode: 0o644,
+                    owner: me,
+                },
+            );
+        }
+        apply(&mut files, write("f"));
+        apply(&mut files, times("f", 100));
+        assert_ne!(mtime("f"), 100, "waits");
+        files.sync_owed().unwrap();
+        assert_eq!(mtime("f"), 100, "made with the syncs");
+        // A kept file let go for others: its times are made then, and
+        // times set by path after them stand.
+        apply(&mut files, write("f"));
+        apply(&mut files, times("f", 200));
+        for g in &others {
+            apply(&mut files, write(g));
+        }
+        assert_eq!(mtime("f"), 200, "made as the file was let go");
+        apply(&mut files, times("f", 300));
+        files.sync_owed().unwrap();
+        assert_eq!(mtime("f"), 300);
+        // A name that moves lets every file go first.
+        apply(&mut files, write("f"));
+        apply(&mut files, times("f", 400));
+        apply(
+            &mut files,
+            Change::Rename {
+                old: p("f"),
+                new: p("h"),
+                flags: 0,
+            },
+        );
+        apply(&mut files, times("h", 500));
+        files.sync_owed().unwrap();
+        assert_eq!(mtime("h"), 500);
     }
 
     #[test]

@@ -64,6 +64,14 @@ pub enum SetTime {
 }
 
 impl SetTime {
+    /// This time set over `old`: `old` where this one leaves it as is.
+    pub fn over(self, old: SetTime) -> SetTime {
+        match self {
+            SetTime::Omit => old,
+            t => t,
+        }
+    }
+
     fn timespec(self) -> libc::timespec {
         match self {
             SetTime::Omit => libc::timespec {

@@ -38,7 +38,7 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use crate::changelog::{Change, KeptFiles, Log, Reader, Record};
 use crate::health::is_side_failure;
-use crate::volume::{self, META_DIR, Owner, Volume};
+use crate::volume::{self, META_DIR, Owner, SetTime, Volume};
 
 /// The position record, in the mirror's metadata directory.
 pub const POSITION: &str = "shipped";
@@ -536,6 +536,14 @@ fn apply(
     } else {
         busy(s, || {
             r.change.apply_with(v, again, files)?;
+            if let Some((atime, mtime)) = run.times {
+                Change::Times {
+                    path: subject(&r.change).to_path_buf(),
+                    atime,
+                    mtime,
+                }
+                .apply_with(v, again, files)?;
+            }
             match run.barrier {
                 // The run's barriers are owed like any barrier, together.
                 Some(datasync) => Change::Fsync {
@@ -602,6 +610,10 @@ struct Run {
     barrier: Option<bool>,
     /// Times among them that a later record sets again (not sent).
     skipped: u64,
+    /// The times the others among them set, together (the later ones'
+    /// over the earlier ones'), made after the write: like any times set
+    /// on a kept file, at the group's end (`KeptFiles`).
+    times: Option<(SetTime, SetTime)>,
 }
 
 /// True if a write of `len` bytes at `at` touches or overlaps the extent
@@ -685,6 +697,10 @@ impl Ahead {
                 }
                 c @ Change::Times { path: p, .. } if p == path && set_again(c, self.buf.iter().skip(1)) => {
                     run.skipped += 1;
+                }
+                Change::Times { path: p, atime, mtime } if p == path => {
+                    let (a, m) = run.times.unwrap_or((SetTime::Omit, SetTime::Omit));
+                    run.times = Some((atime.over(a), mtime.over(m)));
                 }
                 _ => break,
             }
@@ -1020,6 +1036,11 @@ mod tests {
         let m = test_mirror(&p.mirror);
         let shipper = Shipper::start(log.clone(), 1, 0, m.clone()).unwrap();
         wait_for("the log to drain", || shipper.applied() == last && log.lag().ops == 0);
+        // Times set on a kept file are made at the group's end.
+        let v = Volume::open(Side::Mirror, &p.mirror).unwrap();
+        wait_for("the checkpoint", || {
+            read_position(&v).unwrap() == Some(Position { log_id: 1, seq: last })
+        });
         assert_eq!(shipper.skipped(), 2, "the first two times of f");
         assert_eq!(shipper.shipped(), last);
         let f = fs::metadata(p.mirror.join("f")).unwrap();
@@ -1083,20 +1104,26 @@ mod tests {
         };
         assert_eq!((*offset, data.as_slice()), (0, &b"aaaaaabb"[..]));
 
+        // The last times are made with the run, and a write that touches
+        // its extent joins it after them.
         let mut r = ahead.read_next().unwrap().unwrap();
         assert_eq!(r.seq, apart);
         let run = ahead.take_run(&mut r);
-        assert_eq!(
-            (run.folded, run.barrier),
-            (0, None),
-            "the last times are sent: {:?}",
-            ahead.buf.front()
-        );
+        assert_eq!((run.folded, run.barrier, run.skipped), (2, None, 0));
+        assert_eq!(run.times, Some((SetTime::Omit, SetTime::At { secs: 3, nanos: 0 })));
+        let Change::Write { offset, data, .. } = &r.change else {
+            panic!("a run is a write: {:?}", r.change)
+        };
+        assert_eq!((*offset, data.as_slice()), (100, &b"cd"[..]));
+        let mut r = ahead.read_next().unwrap().unwrap();
+        assert_eq!(ahead.take_run(&mut r).folded, 0, "g's write is between");
+        let mut r = ahead.read_next().unwrap().unwrap();
+        append(times("f", 4));
+        append(times("g", 5));
+        assert_eq!(ahead.take_run(&mut r).folded, 1, "times that come later join");
         let mut r = ahead.read_next().unwrap().unwrap();
         assert!(matches!(r.change, Change::Times { .. }));
         assert_eq!(ahead.take_run(&mut r).folded, 0, "only a write starts a run");
-        let mut r = ahead.read_next().unwrap().unwrap();
-        assert_eq!(ahead.take_run(&mut r).folded, 0, "g's write is between");
 
         // Shipped, the mirror has what the primary has.
         let m = test_mirror(&p.mirror);
@@ -1108,6 +1135,13 @@ mod tests {
         assert_eq!(&f[..8], b"aaaaaabb");
         assert_eq!(&f[100..], b"cdf");
         assert_eq!(fs::read(p.mirror.join("g")).unwrap(), b"e");
+        // The times of the kept file are made at the group's end.
+        let v = Volume::open(Side::Mirror, &p.mirror).unwrap();
+        wait_for("the checkpoint", || {
+            read_position(&v).unwrap() == Some(Position { log_id: 1, seq: last })
+        });
+        let mtime = |name| std::os::unix::fs::MetadataExt::mtime(&fs::metadata(p.mirror.join(name)).unwrap());
+        assert_eq!((mtime("f"), mtime("g")), (4, 5));
         assert!(
             m.divergences.lock().unwrap().is_empty(),
             "{:?}",
