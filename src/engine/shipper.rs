@@ -647,6 +647,11 @@ fn overlay(offset: &mut u64, data: &mut Vec<u8>, at: u64, d: &[u8]) {
 struct Ahead {
     reader: Reader,
     buf: std::collections::VecDeque<Record>,
+    /// Reading ahead found the log's end since the last record was taken:
+    /// it is not looked for again until the next (at the end of the
+    /// preallocated segment each look is a read of a chunk of zeros, and a
+    /// run looked once per record it folded).
+    ended: bool,
 }
 
 impl Ahead {
@@ -654,10 +659,12 @@ impl Ahead {
         Ahead {
             reader,
             buf: std::collections::VecDeque::new(),
+            ended: false,
         }
     }
 
     fn read_next(&mut self) -> io::Result<Option<Record>> {
+        self.ended = false;
         match self.buf.pop_front() {
             Some(r) => Ok(Some(r)),
             None => self.reader.read_next(),
@@ -666,10 +673,10 @@ impl Ahead {
 
     /// Reads ahead up to `LOOKAHEAD` records, of those already in the log.
     fn fill(&mut self) {
-        while self.buf.len() < LOOKAHEAD {
+        while !self.ended && self.buf.len() < LOOKAHEAD {
             match self.reader.read_next() {
                 Ok(Some(r)) => self.buf.push_back(r),
-                _ => break,
+                _ => self.ended = true,
             }
         }
     }
