@@ -465,7 +465,7 @@ impl Change {
             files.sync_owed()?;
         }
         if self.moves_names() || !self.keeps_names() {
-            files.clear()?;
+            files.clear();
         }
         match self {
             Change::Write { path, offset, data } => volume::pwrite_all(files.get(v, path)?, data, *offset).map(drop),
@@ -588,6 +588,8 @@ pub struct KeptFiles {
     /// path) since it was made: each a round trip or more on a network
     /// mirror, where a call through a kept file is streamed (`trips`).
     by_path: u64,
+    /// Times that could not be set, with their paths (`failed_times`).
+    failed: Vec<FailedTime>,
 }
 
 struct Kept {
@@ -626,7 +628,7 @@ impl KeptFiles {
                 if self.files.len() >= KEPT_FILES
                     && let Some(k) = self.files.pop_front()
                 {
-                    self.release(k)?;
+                    self.release(k);
                 }
                 self.files.push_back(Kept {
                     path: path.to_path_buf(),
@@ -681,22 +683,29 @@ impl KeptFiles {
 
     /// Closes a kept file: its times are made now (whatever reaches the
     /// file next does so by path, after them); its sync stays owed.
-    fn release(&mut self, k: Kept) -> io::Result<()> {
-        if let Some((atime, mtime)) = k.times {
-            volume::futimens(k.fd.as_fd(), atime, mtime)?;
+    fn release(&mut self, k: Kept) {
+        if let Some((atime, mtime)) = k.times
+            && let Err(e) = volume::futimens(k.fd.as_fd(), atime, mtime)
+        {
+            self.failed.push((k.path.clone(), e));
         }
         if let Some(datasync) = k.owes {
             self.owed.push((k.fd, datasync));
         }
-        Ok(())
     }
 
     /// Closes the kept files; those that owe a sync still owe it.
-    pub fn clear(&mut self) -> io::Result<()> {
+    pub fn clear(&mut self) {
         while let Some(k) = self.files.pop_front() {
-            self.release(k)?;
+            self.release(k);
         }
-        Ok(())
+    }
+
+    /// The times of kept files that could not be set since the last call,
+    /// with their paths: they fail no record and no sync (they are made
+    /// later than their record), and are the replayer's to report.
+    pub fn failed_times(&mut self) -> Vec<FailedTime> {
+        std::mem::take(&mut self.failed)
     }
 
     /// Closes every file and forgets what is owed (the volume is gone or
@@ -704,6 +713,7 @@ impl KeptFiles {
     pub fn forget(&mut self) {
         self.files.clear();
         self.owed.clear();
+        self.failed.clear();
     }
 
     /// Makes every owed sync, and the kept files' times before their
@@ -712,17 +722,29 @@ impl KeptFiles {
         let fds: Vec<Owed<'_>> = self
             .owed
             .iter()
-            .map(|(fd, d)| (fd.as_fd(), Some(*d), None))
+            .map(|(fd, d)| Owed {
+                fd: fd.as_fd(),
+                sync: Some(*d),
+                times: None,
+            })
             .chain(
                 self.files
                     .iter()
                     .filter(|k| k.owes.is_some() || k.times.is_some())
-                    .map(|k| (k.fd.as_fd(), k.owes, k.times)),
+                    .map(|k| Owed {
+                        fd: k.fd.as_fd(),
+                        sync: k.owes,
+                        times: k.times.map(|(atime, mtime)| (k.path.as_path(), atime, mtime)),
+                    }),
             )
             .collect();
-        for chunk in fds.chunks(SYNCS_IN_FLIGHT) {
-            sync_all(chunk)?;
-        }
+        let mut failed = Vec::new();
+        let synced = fds
+            .chunks(SYNCS_IN_FLIGHT)
+            .try_for_each(|chunk| sync_all(chunk, &mut failed));
+        drop(fds);
+        self.failed.append(&mut failed);
+        synced?;
         self.owed.clear();
         for k in &mut self.files {
             k.owes = None;
@@ -773,33 +795,51 @@ impl KeptModel {
 }
 
 /// A file that owes something at a group's end: its sync (`true`:
-/// fdatasync is enough), and times to set before it.
-type Owed<'a> = (BorrowedFd<'a>, Option<bool>, Option<(SetTime, SetTime)>);
-
-/// Sets `fd`'s owed times, then syncs it if it owes a sync.
-fn settle((fd, sync, times): Owed<'_>) -> io::Result<()> {
-    if let Some((atime, mtime)) = times {
-        volume::futimens(fd, atime, mtime)?;
-    }
-    match sync {
-        Some(datasync) => volume::fsync(fd, datasync),
-        None => Ok(()),
-    }
+/// fdatasync is enough), and times to set before it, with the path they
+/// are reported under if they cannot be set.
+#[derive(Clone, Copy)]
+struct Owed<'a> {
+    fd: BorrowedFd<'a>,
+    sync: Option<bool>,
+    times: Option<(&'a Path, SetTime, SetTime)>,
 }
 
-/// Settles `fds` at once, one thread each beyond the first.
-fn sync_all(fds: &[Owed<'_>]) -> io::Result<()> {
+/// A time that could not be set: its path and the error.
+type FailedTime = (PathBuf, io::Error);
+
+/// Sets `o`'s owed times, then syncs it if it owes a sync. Times that
+/// cannot be set do not fail the sync: they are returned beside it.
+fn settle(o: Owed<'_>) -> (io::Result<()>, Option<FailedTime>) {
+    let times = o.times.and_then(|(path, atime, mtime)| {
+        volume::futimens(o.fd, atime, mtime)
+            .err()
+            .map(|e| (path.to_path_buf(), e))
+    });
+    let sync = match o.sync {
+        Some(datasync) => volume::fsync(o.fd, datasync),
+        None => Ok(()),
+    };
+    (sync, times)
+}
+
+/// Settles `fds` at once, one thread each beyond the first; the times
+/// that could not be set go to `failed`.
+fn sync_all(fds: &[Owed<'_>], failed: &mut Vec<FailedTime>) -> io::Result<()> {
     let Some((first, rest)) = fds.split_first() else {
         return Ok(());
     };
     std::thread::scope(|scope| {
         let others: Vec<_> = rest.iter().map(|&o| scope.spawn(move || settle(o))).collect();
-        others.into_iter().fold(settle(*first), |r, t| {
-            let other = t
-                .join()
-                .unwrap_or_else(|_| Err(io::Error::other("a sync thread panicked")));
-            r.and(other)
-        })
+        let panicked = || (Err(io::Error::other("a sync thread panicked")), None);
+        // Every thread is heard, for its failed times, whatever came first.
+        let mut r = Ok(());
+        for (sync, time) in
+            std::iter::once(settle(*first)).chain(others.into_iter().map(|t| t.join().unwrap_or_else(|_| panicked())))
+        {
+            failed.extend(time);
+            r = r.and(sync);
+        }
+        r
     })
 }
 

@@ -546,15 +546,16 @@ fn apply(
                 }
                 .apply_with(v, again, files)?;
             }
-            match run.barrier {
-                // The run's barriers are owed like any barrier, together.
-                Some(datasync) => Change::Fsync {
+            // The run's barriers are owed like any barrier, together.
+            if let Some(datasync) = run.barrier {
+                Change::Fsync {
                     path: subject(&r.change).to_path_buf(),
                     datasync,
                 }
-                .apply_with(v, again, files),
-                None => Ok(()),
+                .apply_with(v, again, files)?;
             }
+            // Times of a file let go for this record's.
+            times_failed(mirror, files)
         })
     };
     if s.stop.load(Ordering::Acquire) {
@@ -787,6 +788,7 @@ fn close_group(
     let started = Instant::now();
     let r = busy(s, || {
         files.sync_owed()?;
+        times_failed(mirror, files)?;
         v.syncfs()?;
         let fd = match position.take() {
             Some(fd) => fd,
@@ -806,6 +808,21 @@ fn close_group(
         log::warn!("cannot remove the change log's applied segments: {e}");
     }
     true
+}
+
+/// Reports the times of kept files that could not be set (made after
+/// their records, at a group's end or as a file is let go): each a
+/// divergence of its path, which is resynced; an error that is the
+/// mirror's failure is returned, for the caller to fail on.
+fn times_failed(mirror: &dyn Mirror, files: &mut KeptFiles) -> io::Result<()> {
+    for (path, e) in files.failed_times() {
+        let errno = e.raw_os_error().unwrap_or(libc::EIO);
+        if is_side_failure(errno) {
+            return Err(e);
+        }
+        mirror.diverged("utimens", errno, &path);
+    }
+    Ok(())
 }
 
 fn report(mirror: &dyn Mirror, op: &'static str, e: &io::Error, path: &Path) {
@@ -1285,6 +1302,46 @@ mod tests {
         wait_for("both records", || shipper.applied() == 2);
         assert!(p.mirror.join("after").is_dir());
         assert_eq!(*m.divergences.lock().unwrap(), ["write missing"]);
+        assert!(shipper.stop(Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn times_a_kept_file_cannot_take_are_a_divergence_and_the_group_still_ends() {
+        let p = pair();
+        let log = Arc::new(Log::open(&p.primary.join(META_DIR).join(DIR), 0).unwrap());
+        let m = test_mirror(&p.mirror);
+        for c in [
+            Change::Create {
+                path: "f".into(),
+                mode: 0o644,
+                owner: owner(),
+            },
+            Change::Write {
+                path: "f".into(),
+                offset: 0,
+                data: b"x".to_vec(),
+            },
+            // Out of range: futimens refuses it (EINVAL), at the group's end.
+            Change::Times {
+                path: "f".into(),
+                atime: SetTime::Omit,
+                mtime: SetTime::At {
+                    secs: 1,
+                    nanos: 2_000_000_000,
+                },
+            },
+        ] {
+            log.append(c).unwrap();
+        }
+        let last = log.last();
+        let shipper = Shipper::start(log.clone(), 1, 0, m.clone()).unwrap();
+        let v = Volume::open(Side::Mirror, &p.mirror).unwrap();
+        wait_for("the checkpoint", || {
+            read_position(&v).unwrap() == Some(Position { log_id: 1, seq: last })
+        });
+        assert_eq!(*m.divergences.lock().unwrap(), ["utimens f"]);
+        assert!(m.failures.lock().unwrap().is_empty());
+        assert_eq!(fs::read(p.mirror.join("f")).unwrap(), b"x");
         assert!(shipper.stop(Duration::from_secs(5)));
     }
 
