@@ -469,11 +469,10 @@ fn ship(s: &Shared, mirror: &dyn Mirror) {
 /// streamed through a kept file, and a trip (a call by path), each a
 /// moving average over its kind's records (weight 1/8, so that a run of
 /// large records, a new WAL segment's, is forgotten a few records later),
-/// and ending a group, a
-/// moving average over groups. (A group's end used to be counted as a
-/// share of each of its records: a drained shipper ends small groups, and
-/// their shares foresaw a backlog, which is shipped in full groups, as
-/// several times slower than it is.)
+/// and ending a group, a moving average over groups. (A group's end used
+/// to be counted as a share of each of its records: a drained shipper
+/// ends small groups, and their shares foresaw a backlog, which is
+/// shipped in full groups, as several times slower than it is.)
 #[derive(Default)]
 struct Pace {
     streamed_ns: Option<f64>,
