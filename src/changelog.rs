@@ -676,8 +676,7 @@ impl KeptFiles {
         let Some(k) = self.files.iter_mut().find(|k| k.path == path) else {
             return false;
         };
-        let (a, m) = k.times.unwrap_or((SetTime::Omit, SetTime::Omit));
-        k.times = Some((atime.over(a), mtime.over(m)));
+        k.times = Some(SetTime::over(k.times, atime, mtime));
         true
     }
 
@@ -1702,6 +1701,24 @@ mod tests {
         PathBuf::from(s)
     }
 
+    /// A write of one byte at the start of `path`.
+    fn write_x(path: &str) -> Change {
+        Change::Write {
+            path: p(path),
+            offset: 0,
+            data: b"x".to_vec(),
+        }
+    }
+
+    /// Times that set `path`'s mtime to `secs` and leave its atime.
+    fn mtime_at(path: &str, secs: i64) -> Change {
+        Change::Times {
+            path: p(path),
+            atime: SetTime::Omit,
+            mtime: SetTime::At { secs, nanos: 0 },
+        }
+    }
+
     /// This process's owner, as a record names it.
     fn me() -> Owner {
         // SAFETY: geteuid and getegid have no failure mode.
@@ -2163,19 +2180,9 @@ mod tests {
             mode: 0o644,
             owner: me,
         };
-        let write = |path: &str| Change::Write {
-            path: p(path),
-            offset: 0,
-            data: b"x".to_vec(),
-        };
         let fsync = |path: &str| Change::Fsync {
             path: p(path),
             datasync: true,
-        };
-        let times = |path: &str| Change::Times {
-            path: p(path),
-            atime: SetTime::At { secs: 1, nanos: 0 },
-            mtime: SetTime::At { secs: 2, nanos: 0 },
         };
         let others: Vec<String> = (0..KEPT_FILES).map(|i| format!("d/g{i}")).collect();
         // (record, streamed through a kept file)
@@ -2193,11 +2200,11 @@ mod tests {
         ];
         changes.extend(others.iter().map(|g| (create(g), false)));
         changes.extend([
-            (write("d/f"), false),
-            (write("d/f"), true),
-            (times("d/f"), true),
+            (write_x("d/f"), false),
+            (write_x("d/f"), true),
+            (mtime_at("d/f", 2), true),
             (fsync("d/f"), true),
-            (times("d/x"), false),
+            (mtime_at("d/x", 2), false),
             (fsync("d/x"), false),
             (
                 Change::Chmod {
@@ -2206,12 +2213,12 @@ mod tests {
                 },
                 false,
             ),
-            (write("d/f"), true),
+            (write_x("d/f"), true),
         ]);
         // As many other files written: d/f is no longer kept.
-        changes.extend(others.iter().map(|g| (write(g), false)));
+        changes.extend(others.iter().map(|g| (write_x(g), false)));
         changes.extend([
-            (write("d/f"), false),
+            (write_x("d/f"), false),
             (
                 Change::Truncate {
                     path: p("d/f"),
@@ -2228,10 +2235,10 @@ mod tests {
                 false,
             ),
             (fsync("d/f"), false),
-            (write("d/f"), false),
+            (write_x("d/f"), false),
             (Change::Unlink { path: p("d/y") }, false),
             (fsync("d"), false),
-            (times("d/f"), false),
+            (mtime_at("d/f", 2), false),
         ]);
         let mut model = KeptModel::default();
         let mut files = KeptFiles::default();
@@ -2251,16 +2258,6 @@ mod tests {
         let v = Volume::open(crate::spec::Side::Mirror, t.path()).unwrap();
         let mut files = KeptFiles::default();
         let mtime = |name: &str| fs::metadata(t.path().join(name)).unwrap().mtime();
-        let times = |path: &str, secs| Change::Times {
-            path: p(path),
-            atime: SetTime::Omit,
-            mtime: SetTime::At { secs, nanos: 0 },
-        };
-        let write = |path: &str| Change::Write {
-            path: p(path),
-            offset: 0,
-            data: b"x".to_vec(),
-        };
         let apply = |files: &mut KeptFiles, c: Change| c.apply_with(&v, false, files).unwrap();
         let others: Vec<String> = (0..KEPT_FILES).map(|i| format!("g{i}")).collect();
         for name in std::iter::once("f").chain(others.iter().map(String::as_str)) {
@@ -2273,25 +2270,25 @@ mod tests {
                 },
             );
         }
-        apply(&mut files, write("f"));
-        apply(&mut files, times("f", 100));
+        apply(&mut files, write_x("f"));
+        apply(&mut files, mtime_at("f", 100));
         assert_ne!(mtime("f"), 100, "waits");
         files.sync_owed().unwrap();
         assert_eq!(mtime("f"), 100, "made with the syncs");
         // A kept file let go for others: its times are made then, and
         // times set by path after them stand.
-        apply(&mut files, write("f"));
-        apply(&mut files, times("f", 200));
+        apply(&mut files, write_x("f"));
+        apply(&mut files, mtime_at("f", 200));
         for g in &others {
-            apply(&mut files, write(g));
+            apply(&mut files, write_x(g));
         }
         assert_eq!(mtime("f"), 200, "made as the file was let go");
-        apply(&mut files, times("f", 300));
+        apply(&mut files, mtime_at("f", 300));
         files.sync_owed().unwrap();
         assert_eq!(mtime("f"), 300);
         // A name that moves lets every file go first.
-        apply(&mut files, write("f"));
-        apply(&mut files, times("f", 400));
+        apply(&mut files, write_x("f"));
+        apply(&mut files, mtime_at("f", 400));
         apply(
             &mut files,
             Change::Rename {
@@ -2300,7 +2297,7 @@ mod tests {
                 flags: 0,
             },
         );
-        apply(&mut files, times("h", 500));
+        apply(&mut files, mtime_at("h", 500));
         files.sync_owed().unwrap();
         assert_eq!(mtime("h"), 500);
     }

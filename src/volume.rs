@@ -64,12 +64,12 @@ pub enum SetTime {
 }
 
 impl SetTime {
-    /// This time set over `old`: `old` where this one leaves it as is.
-    pub fn over(self, old: SetTime) -> SetTime {
-        match self {
-            SetTime::Omit => old,
-            t => t,
-        }
+    /// Times `(atime, mtime)` set after `earlier` ones, as the two leave
+    /// the file: each of `earlier`'s where the later one leaves it as is.
+    pub fn over(earlier: Option<(SetTime, SetTime)>, atime: SetTime, mtime: SetTime) -> (SetTime, SetTime) {
+        let (a, m) = earlier.unwrap_or((SetTime::Omit, SetTime::Omit));
+        let or = |new: SetTime, old: SetTime| if new == SetTime::Omit { old } else { new };
+        (or(atime, a), or(mtime, m))
     }
 
     fn timespec(self) -> libc::timespec {

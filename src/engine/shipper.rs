@@ -708,8 +708,7 @@ impl Ahead {
                     run.skipped += 1;
                 }
                 Change::Times { path: p, atime, mtime } if p == path => {
-                    let (a, m) = run.times.unwrap_or((SetTime::Omit, SetTime::Omit));
-                    run.times = Some((atime.over(a), mtime.over(m)));
+                    run.times = Some(SetTime::over(run.times, *atime, *mtime));
                 }
                 _ => break,
             }
